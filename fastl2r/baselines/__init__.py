@@ -1,0 +1,1 @@
+"""The methods the paper compares its meta-learner with (DESIGN §1.6)."""

@@ -1,0 +1,28 @@
+"""Teacher (DESIGN §1.6): multi-task SGD on the old tasks and the new one together."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..data import Batch
+from ..methods import Learner, Method
+from ..training import join, multitask_loss
+from .sgd import SGDLearner
+
+
+class TeacherLearner(SGDLearner):
+    """SGD on ``x_a ∪ x_b``, each example through its own task's head."""
+
+    def loss(self, new: Batch, old: Optional[Batch]) -> torch.Tensor:
+        batch = join(old, new, task_offset_b=self.task_index)
+        return multitask_loss(self.model.heads, self.model(batch.x), batch.y, batch.task)
+
+
+class Teacher(Method):
+    name = "teacher"
+    needs_old_data = True
+
+    def learner(self, model: nn.Module, run: int) -> Learner:
+        return TeacherLearner(model, self.options["lr"])

@@ -1,0 +1,16 @@
+"""Datasets (Fashion-MNIST, CIFAR-10/100, Tiny-ImageNet-200, scikit-learn digits),
+task splits, and a device-resident batch sampler with on-device augmentation.
+
+The data root is ``--data-root``, else ``$FASTL2R_DATA``, else ``~/.cache/fastl2r``;
+``$FASTL2R_MIRROR`` (a base URL) replaces the official download host for every file.
+"""
+from .dataset import ImageDataset, channel_stats, resolve_data_root
+from .download import FILES, MIRROR_ENV, RemoteFile
+from .loaders import DATASET_NAMES, load_dataset
+from .sampler import Batch, TaskSampler, to_float
+from .tasks import TRAIN_PARTS, Task, make_task
+
+__all__ = [
+    "Batch", "DATASET_NAMES", "FILES", "ImageDataset", "MIRROR_ENV", "RemoteFile", "TRAIN_PARTS",
+    "Task", "TaskSampler", "channel_stats", "load_dataset", "make_task", "resolve_data_root", "to_float",
+]

@@ -1,0 +1,204 @@
+"""Table 1 of the paper as configuration: experiments, suites and presets (DESIGN §1.7).
+
+A configuration is a plain nested dict (JSON-serialisable, written to ``config.json``)
+built by ``build_config``; ``--set section.key=value`` overrides any leaf.  Every
+difference between experiments is data here, not a code path elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any, Iterable
+
+from .errors import UserError
+
+EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5")
+SUITES = ("paper", "fmnist")
+PRESETS = ("paper", "quick", "smoke")
+
+
+def _fixed(dataset: str, classes: Iterable[int], train_part: str = "all") -> dict:
+    return {"dataset": dataset, "classes": list(classes), "train_part": train_part}
+
+
+def _drawn(dataset: str, pool: Iterable[int], ways: int) -> dict:
+    return {"dataset": dataset, "pool": list(pool), "ways": ways, "train_part": "all"}
+
+
+# Curricula of DESIGN §1.4: [start, step, cap] for the loss threshold and the T-BPTT length.
+CURRICULA = {
+    "exp1": {"threshold": [20.0, 5.0, 30.0], "tbptt": [5, 2, 9], "episodes": 900, "loss_scale": 300.0},
+    "exp2": {"threshold": [20.0, 5.0, 50.0], "tbptt": [5, 2, 17], "episodes": 2000, "loss_scale": 300.0},
+    "exp5": {"threshold": [20.0, 5.0, 50.0], "tbptt": [2, 2, 17], "episodes": 2000, "loss_scale": 200.0},
+}
+CURRICULA["exp3"] = CURRICULA["exp4"] = CURRICULA["exp2"]
+
+# The tasks of every experiment, per suite.  ``meta_train``/``meta_test`` list one spec per
+# new task (Experiment 5 has two; tasks drawn from one pool within an episode are disjoint).
+TASKS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "exp1": {"arch": "resnet32_gn", "source": _fixed("cifar10", range(5)),
+                 "meta_train": [_fixed("cifar10", range(5, 10), "first_half")],
+                 "meta_test": [_fixed("cifar10", range(5, 10), "second_half")]},
+        "exp2": {"arch": "resnet32_gn", "source": _fixed("cifar10", range(5)),
+                 "meta_train": [_drawn("cifar100", range(50), 5)],
+                 "meta_test": [_drawn("cifar100", range(50, 100), 5)]},
+        "exp4": {"arch": "resnet32_gn", "source": _fixed("cifar10", range(5)),
+                 "meta_train": [_drawn("cifar100", range(50), 5)],
+                 "meta_test": [_drawn("tiny_imagenet", range(200), 5)]},
+        "exp5": {"arch": "resnet14_gn", "source": _fixed("cifar10", range(10)),
+                 "meta_train": [_drawn("cifar100", range(50), 10)] * 2,
+                 "meta_test": [_drawn("cifar100", range(50, 100), 10)] * 2},
+    },
+    # Fashion-MNIST, offline.  Source, meta-train and meta-test class pools are disjoint;
+    # exp4's unseen domain is scikit-learn's handwritten digits.
+    "fmnist": {
+        "exp1": {"arch": "resnet32_gn", "source": _fixed("fashion_mnist", range(5)),
+                 "meta_train": [_fixed("fashion_mnist", range(5, 10), "first_half")],
+                 "meta_test": [_fixed("fashion_mnist", range(5, 10), "second_half")]},
+        "exp2": {"arch": "resnet32_gn", "source": _fixed("fashion_mnist", range(4)),
+                 "meta_train": [_drawn("fashion_mnist", (4, 5, 6), 2)],
+                 "meta_test": [_drawn("fashion_mnist", (7, 8, 9), 2)]},
+        "exp4": {"arch": "resnet32_gn", "source": _fixed("fashion_mnist", range(4)),
+                 "meta_train": [_drawn("fashion_mnist", (4, 5, 6), 2)],
+                 "meta_test": [_drawn("digits", range(10), 2)]},
+        "exp5": {"arch": "resnet14_gn", "source": _fixed("fashion_mnist", (0, 1)),
+                 "meta_train": [_drawn("fashion_mnist", (2, 3, 4, 5), 2)] * 2,
+                 "meta_test": [_drawn("fashion_mnist", (6, 7, 8, 9), 2)] * 2},
+    },
+}
+for _suite in TASKS.values():
+    _suite["exp3"] = copy.deepcopy(_suite["exp2"])
+
+# Everything a preset scales.  ``steps_per_task`` is the meta-test horizon of each new task;
+# ``batch_size`` the new task's batch (the teacher's holds as many old-task examples again,
+# pre-training twice as many): only the smoke preset shrinks it, for speed.
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "paper": {"pretrain_epochs": 40.0, "steps_per_task": 500, "steps_per_task_exp5": 300, "eval_every": 25,
+              "readout_steps": 500, "readout_train": 0, "readout_test": 0, "episode_scale": 1.0,
+              "episode_steps_cap": 0, "checkpoints": 100, "runs": 5, "batch_size": 64},
+    "quick": {"pretrain_epochs": 2.0, "steps_per_task": 200, "steps_per_task_exp5": 120, "eval_every": 20,
+              "readout_steps": 500, "readout_train": 1000, "readout_test": 1000, "episode_scale": 0.02,
+              "episode_steps_cap": 0, "checkpoints": 4, "runs": 5, "batch_size": 64},
+    "smoke": {"pretrain_epochs": 0.12, "steps_per_task": 20, "steps_per_task_exp5": 10, "eval_every": 10,
+              "readout_steps": 100, "readout_train": 200, "readout_test": 200, "episode_scale": 0.0,
+              "episode_steps_cap": 6, "checkpoints": 2, "runs": 2, "batch_size": 32},
+}
+SMOKE_EPISODES = 3
+
+
+def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *, seed: int = 0,
+                 runs: int | None = None, overrides: Iterable[str] = ()) -> dict:
+    """The fully resolved configuration of one experiment."""
+    _check_choice("experiment", experiment, EXPERIMENTS)
+    _check_choice("suite", suite, SUITES)
+    _check_choice("preset", preset, PRESETS)
+    p = PRESET_VALUES[preset]
+    tasks = copy.deepcopy(TASKS[suite][experiment])
+    curriculum = copy.deepcopy(CURRICULA[experiment])
+    three_tasks = len(tasks["meta_test"]) > 1
+    steps = p["steps_per_task_exp5"] if three_tasks else p["steps_per_task"]
+    paper_episodes = curriculum.pop("episodes")
+    episodes = max(SMOKE_EPISODES, round(paper_episodes * p["episode_scale"]))
+    every = 300 if preset == "paper" else max(1, round(300 * episodes / paper_episodes))
+    config = {
+        "experiment": experiment, "suite": suite, "preset": preset, "seed": seed,
+        "runs": p["runs"] if runs is None else runs,
+        "arch": tasks.pop("arch"),
+        "tasks": tasks,
+        "pretrain": {"epochs": p["pretrain_epochs"], "lr": 0.1, "momentum": 0.9, "batch_size": 2 * p["batch_size"],
+                     "weight_decay": 5e-4, "warmup_fraction": 0.05},
+        "metatest": {"steps_per_task": steps, "batch_size": p["batch_size"], "eval_every": p["eval_every"]},
+        "readout": {"steps": p["readout_steps"], "lr": 0.1, "max_train": p["readout_train"],
+                    "max_test": p["readout_test"]},
+        "metatrain": {"episodes": episodes, "curriculum_every": every, **curriculum,
+                      "episode_steps": p["episode_steps_cap"] or steps, "meta_lr": 1e-3, "lr": 0.1,
+                      "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if experiment == "exp3" else 1,
+                      "save_every": 50},
+        "methods": {"ours": {"metalearner": ""}, "sgd": {"lr": 0.1}, "sgd_x0.1": {"lr": 0.01},
+                    "teacher": {"lr": 0.1}},
+    }
+    for item in overrides:
+        apply_override(config, item)
+    validate(config)
+    return config
+
+
+def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def leaf_keys(config: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        if isinstance(v, dict):
+            keys += leaf_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
+def apply_override(config: dict, item: str) -> None:
+    """Apply ``key.path=value``; the value is parsed as JSON (else kept as a string) and must
+    have the type of the value it replaces."""
+    if "=" not in item:
+        raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            break
+    if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
+        raise UserError(f"--set: unknown key {key!r}; valid keys: {', '.join(leaf_keys(config))}")
+    old = node[parts[-1]]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(old, bool) != isinstance(value, bool) or (
+            isinstance(old, (int, float)) and not isinstance(value, (int, float))) or (
+            isinstance(old, (str, list)) and type(value) is not type(old)):
+        raise UserError(f"--set {key}: expected a value like {json.dumps(old)}, got {raw!r}")
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    node[parts[-1]] = value
+
+
+def validate(config: dict) -> None:
+    """Every number that must be positive and finite is; else a UserError naming it."""
+    positive = ["runs", "pretrain.batch_size", "pretrain.lr", "metatest.steps_per_task", "metatest.batch_size",
+                "metatest.eval_every", "readout.steps", "readout.lr", "metatrain.episodes",
+                "metatrain.curriculum_every", "metatrain.episode_steps", "metatrain.meta_lr", "metatrain.lr",
+                "metatrain.batch_size", "metatrain.loss_scale", "metatrain.checkpoints", "metatrain.save_every"]
+    non_negative = ["seed", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
+                    "pretrain.warmup_fraction", "readout.max_train", "readout.max_test"]
+    for key in positive + non_negative:
+        value = get(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
+                value <= 0 if key in positive else value < 0):
+            bound = "positive" if key in positive else "non-negative"
+            raise UserError(f"{key} must be a {bound} finite number, got {value!r}")
+    for name, method in config["methods"].items():
+        for k, v in method.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise UserError(f"methods.{name}.{k} must be finite, got {v!r}")
+
+
+def get(config: dict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def curriculum_at(config: dict, episode: int) -> tuple[float, int]:
+    """(loss threshold, T-BPTT length) for episode ``episode`` (0-based)."""
+    mt = config["metatrain"]
+    level = episode // mt["curriculum_every"]
+    t0, dt, tcap = mt["threshold"]
+    s0, ds, scap = mt["tbptt"]
+    return min(t0 + level * dt, tcap), min(s0 + level * ds, scap)

@@ -1,0 +1,243 @@
+"""The meta-learner ``f`` (DESIGN §1.3): one stacked-LSTM meta-net per student tensor.
+
+Every conv weight, GroupNorm γ and β (and non-head linear weight) of the student
+gets its own meta-net; that tensor's rows (conv: output channels; GroupNorm:
+channels) share it.  Tensors whose meta-nets have the same shape form a *group*:
+their rows are stacked into one ``[R, K]`` matrix and their meta-nets into two
+parameter matrices (``fastl2r.ops.layout``), so that one op call updates a group.
+
+The student's weights travel in that grouped form ("flat" tensors, one per group);
+``unflatten`` gives per-parameter views for ``torch.func.functional_call``.  Every
+other parameter (heads, biases) is updated by plain SGD.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..models.taps import TappedLayer, is_head, tapped_layers
+from ..ops import NUM_CELLS, GroupDims, unpack_head, unpack_lstm
+
+CONV_HIDDEN = 64
+NORM_HIDDEN = 32
+INITIAL_SCALE = 1.0 / math.tanh(1.0)  # s·tanh(b_out = 1) = 1: the student starts as plain SGD
+
+
+@dataclass(frozen=True)
+class MetaTensor:
+    """One student tensor updated by a meta-net."""
+
+    name: str             # parameter name in the student
+    shape: tuple[int, ...]
+    kind: str             # "conv" | "linear" | "norm"
+    layer: TappedLayer    # where its layer's activation means are
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+
+@dataclass
+class MetaGroup:
+    """Tensors whose meta-nets have one shape (``dims``); ``index`` is the group's position."""
+
+    index: int
+    dims: GroupDims
+    tensors: list[MetaTensor]
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return tuple(t.rows for t in self.tensors)
+
+    def row_index(self) -> torch.Tensor:
+        """``[R, Ar]`` positions of each row's activation features in the flat means vector."""
+        index = []
+        for t in self.tensors:
+            for r in range(t.rows):
+                if t.kind == "norm":
+                    index.append([t.layer.in_offset + r, t.layer.out_offset + r])
+                else:
+                    index.append([t.layer.out_offset + r])
+        return torch.tensor(index, dtype=torch.long).reshape(-1, self.dims.Ar)
+
+    def shared_index(self) -> torch.Tensor:
+        """``[G, Ds]`` positions of each tensor's shared features (its layer's input means)."""
+        index = [[t.layer.in_offset + j for j in range(self.dims.Ds)] for t in self.tensors]
+        return torch.tensor(index, dtype=torch.long).reshape(len(self.tensors), self.dims.Ds)
+
+
+def find_meta_tensors(model: nn.Module, head_prefix: str = "heads", conv_hidden: int = CONV_HIDDEN,
+                      norm_hidden: int = NORM_HIDDEN) -> tuple[list[tuple[MetaTensor, GroupDims]], list[str]]:
+    """The tensors of ``model`` that get a meta-net, with their nets' dims, and the others' names."""
+    layers = {layer.name: layer for layer in tapped_layers(model, head_prefix)}
+    meta, plain = [], []
+    for module_name, module in model.named_modules():
+        layer = layers.get(module_name)
+        for pname, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            shape = tuple(param.shape)
+            if layer is not None and pname == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)):
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    raise ValueError(f"{name}: grouped convolutions have no meta-net (groups={module.groups}); "
+                                     "use groups=1")
+                kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+                dims = GroupDims(K=math.prod(shape[1:]), Ar=1, Ds=layer.in_channels, H=conv_hidden)
+                meta.append((MetaTensor(name, shape, kind, layer), dims))
+            elif layer is not None and isinstance(module, nn.GroupNorm):
+                meta.append((MetaTensor(name, shape, "norm", layer), GroupDims(K=1, Ar=2, Ds=0, H=norm_hidden)))
+            else:
+                plain.append(name)
+    return meta, plain
+
+
+@dataclass
+class MetaState:
+    """Per-group recurrent state ``h, c [3, R, H]`` of every row's meta-LSTM."""
+
+    h: list[torch.Tensor]
+    c: list[torch.Tensor]
+
+    def detach(self) -> "MetaState":
+        """Cut the graph here (a T-BPTT truncation) keeping the values."""
+        return MetaState([x.detach() for x in self.h], [x.detach() for x in self.c])
+
+
+@dataclass
+class Theta:
+    """The meta-parameters used by one step: the live ones or a snapshot of them."""
+
+    lstm: Sequence[torch.Tensor]
+    head: Sequence[torch.Tensor]
+
+
+class MetaLearner(nn.Module):
+    """Meta-nets for every conv / GroupNorm / linear tensor of models shaped like ``model``."""
+
+    def __init__(self, model: nn.Module, *, lr: float = 0.1, head_prefix: str = "heads",
+                 conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN):
+        super().__init__()
+        self.lr = float(lr)
+        self.head_prefix = head_prefix
+        found, plain = find_meta_tensors(model, head_prefix, conv_hidden, norm_hidden)
+        if not found:
+            raise ValueError("the model has no Conv2d, GroupNorm or non-head Linear layer for a meta-net")
+        by_dims: dict[GroupDims, MetaGroup] = {}
+        for tensor, dims in found:
+            if dims not in by_dims:
+                by_dims[dims] = MetaGroup(len(by_dims), dims, [])
+            by_dims[dims].tensors.append(tensor)
+        self.groups: list[MetaGroup] = list(by_dims.values())
+        self.plain_parameters: tuple[str, ...] = tuple(plain)
+        self.channel_count = sum(layer.in_channels + layer.out_channels
+                                 for layer in tapped_layers(model, head_prefix))
+        self.lstm = nn.ParameterList()
+        self.head = nn.ParameterList()
+        for group in self.groups:
+            self.lstm.append(nn.Parameter(_init_lstm(len(group.tensors), group.dims)))
+            self.head.append(nn.Parameter(_init_head(len(group.tensors), group.dims)))
+            self.register_buffer(f"row_index_{group.index}", group.row_index(), persistent=False)
+            self.register_buffer(f"shared_index_{group.index}", group.shared_index(), persistent=False)
+
+    # ----- the student's weights in grouped form -----
+    @property
+    def meta_tensors(self) -> list[MetaTensor]:
+        return [t for group in self.groups for t in group.tensors]
+
+    def plain_names(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` without a meta-net (heads, biases): they get plain SGD."""
+        meta = {t.name for t in self.meta_tensors}
+        return [n for n in names if n not in meta]
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per group, the ``[R, K]`` rows of its tensors taken from ``tensors`` (by name)."""
+        return [torch.cat([tensors[t.name].reshape(t.rows, -1) for t in group.tensors])
+                for group in self.groups]
+
+    def unflatten(self, flats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Views of the grouped ``flats`` shaped like the student's tensors, by name."""
+        out = {}
+        for group, flat in zip(self.groups, flats):
+            for t, rows in zip(group.tensors, flat.split(group.rows)):
+                out[t.name] = rows.view(t.shape)
+        return out
+
+    # ----- the meta-learner itself -----
+    def initial_state(self, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> MetaState:
+        """Zero recurrent state, as at the start of an episode."""
+        shapes = [(NUM_CELLS, sum(g.rows), g.dims.H) for g in self.groups]
+        return MetaState([torch.zeros(s, device=device, dtype=dtype) for s in shapes],
+                         [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
+
+    def theta(self) -> Theta:
+        return Theta(list(self.lstm), list(self.head))
+
+    def snapshot(self) -> Theta:
+        """Copies of θ that stay in the graph: the optimizer may then update θ in place
+        while later steps of a T-BPTT window still back-propagate through this one."""
+        return Theta([p.clone() for p in self.lstm], [p.clone() for p in self.head])
+
+    def features_of(self, means: torch.Tensor, group: MetaGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's per-row and shared activation features gathered from the flat means."""
+        return (means[getattr(self, f"row_index_{group.index}")],
+                means[getattr(self, f"shared_index_{group.index}")])
+
+    def step(self, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], means: torch.Tensor,
+             state: MetaState, theta: Optional[Theta] = None
+             ) -> tuple[list[torch.Tensor], MetaState, list[torch.Tensor]]:
+        """One learned update of every group: returns ``(new weights, new state, δ)`` per group.
+
+        ``weights``/``grads`` are grouped (``flatten``), ``means`` the flat activation
+        means of the forward pass that produced ``grads`` (``ActivationTaps.means``).
+        """
+        if means.numel() != self.channel_count:
+            raise ValueError(f"means has {means.numel()} values, the student's layers have "
+                             f"{self.channel_count} channels: was it recorded on the same architecture?")
+        theta = theta or self.theta()
+        new_weights, deltas, hs, cs = [], [], [], []
+        for group in self.groups:
+            i = group.index
+            a_row, a_shared = self.features_of(means, group)
+            h, c = ops.meta_lstm(weights[i], grads[i], a_row, a_shared, theta.lstm[i], group.rows,
+                                 state.h[i], state.c[i])
+            w_new, delta = ops.gated_update(h[NUM_CELLS - 1], theta.head[i], weights[i], grads[i],
+                                            group.rows, self.lr)
+            new_weights.append(w_new)
+            deltas.append(delta)
+            hs.append(h)
+            cs.append(c)
+        return new_weights, MetaState(hs, cs), deltas
+
+    def describe(self) -> str:
+        lines = [f"MetaLearner: {len(self.meta_tensors)} meta-nets in {len(self.groups)} groups, "
+                 f"{sum(p.numel() for p in self.parameters()):,} parameters"]
+        for g in self.groups:
+            kinds = sorted({t.kind for t in g.tensors})
+            lines.append(f"  group {g.index}: {len(g.tensors)} {'/'.join(kinds)} tensors, {sum(g.rows)} rows, "
+                         f"K={g.dims.K} D={g.dims.D} H={g.dims.H}")
+        if self.plain_parameters:
+            lines.append(f"  plain SGD: {', '.join(self.plain_parameters)}")
+        return "\n".join(lines)
+
+
+def _init_lstm(count: int, dims: GroupDims) -> torch.Tensor:
+    """``torch.nn.LSTMCell``'s init, U(-1/√H, 1/√H); the bias is the sum of its two biases."""
+    bound = 1.0 / math.sqrt(dims.H)
+    lstm = torch.empty(count, dims.lstm_size).uniform_(-bound, bound)
+    for _, _, b in unpack_lstm(lstm, dims):
+        b.add_(torch.empty_like(b).uniform_(-bound, bound))
+    return lstm
+
+
+def _init_head(count: int, dims: GroupDims) -> torch.Tensor:
+    """``W_out = 0``, ``b_out = 1``, ``s = 1/tanh(1)``: δ ≡ 1 at the start."""
+    head = torch.zeros(count, dims.head_size)
+    _, b_out, scale = unpack_head(head, dims)
+    b_out.fill_(1.0)
+    scale.fill_(INITIAL_SCALE)
+    return head

@@ -1,0 +1,97 @@
+"""``ours`` in the meta-test: the trained meta-learner updates the student (no teacher)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..methods import Learner, Method
+from .metalearner import MetaLearner
+from .optimizer import LearnedOptimizer, load_metalearner
+from .training import MetaTrainer
+
+DELTA_SAMPLES_PER_TENSOR = 256  # δ values kept per tensor and recording step, for Figure 7
+
+
+class OursLearner(Learner):
+    """Meta-learned updates; every ``record_every`` steps a sample of δ goes into ``deltas``."""
+
+    def __init__(self, model: nn.Module, meta: MetaLearner, deltas: Optional[dict] = None, record_every: int = 0):
+        super().__init__(model)
+        self.optimizer = LearnedOptimizer(model, meta)
+        self.record_every = record_every
+        self.steps = 0
+        self.deltas = deltas
+
+    def step(self, new: Batch, old: Optional[Batch]) -> None:
+        loss = F.cross_entropy(self.model.heads[self.task_index](self.model(new.x)), new.y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        if self.deltas is not None and self.steps % self.record_every == 0:
+            self._record_deltas()
+
+    def _record_deltas(self) -> None:
+        meta = self.optimizer.meta
+        for group, delta in zip(meta.groups, self.optimizer.last_deltas):
+            for tensor, rows in zip(group.tensors, delta.split(group.rows)):
+                kind = delta_kind(tensor.name, tensor.kind, tensor.rows)
+                flat = rows.reshape(-1)
+                if flat.numel() > DELTA_SAMPLES_PER_TENSOR:
+                    flat = flat[torch.randperm(flat.numel(), device=flat.device)[:DELTA_SAMPLES_PER_TENSOR]]
+                self.deltas.setdefault(kind, []).append(flat.float().cpu())
+
+
+def delta_kind(name: str, kind: str, rows: int) -> str:
+    """Figure 7's layer groups: conv weights by width (a ResNet stage), GroupNorm γ and β."""
+    if kind == "norm":
+        return "GroupNorm γ" if name.endswith("weight") else "GroupNorm β"
+    return f"{kind} weights, {rows} channels"
+
+
+class Ours(Method):
+    name = "ours"
+
+    def prepare(self) -> None:
+        exp = self.experiment
+        path = self.options.get("metalearner") or ""
+        model = exp.new_model()
+        lr = exp.config["metatrain"]["lr"]
+        self.history, self.training = [], {}
+        if path:
+            self.meta = load_metalearner(path, model, exp.device, lr=lr)
+        else:
+            trainer = MetaTrainer(exp, MetaLearner(model, lr=lr), run_dir=exp.out_dir)
+            if exp.out_dir is not None:
+                trainer.resume(exp.out_dir)
+            self.meta = trainer.train(progress=exp.progress)
+            self.history = trainer.progress.history
+            p = trainer.progress
+            self.training = {"episodes": p.episode, "inner_steps": p.inner_steps, "nonfinite_episodes": p.nonfinite,
+                             "seconds": round(p.seconds, 1),
+                             "inner_steps_per_second": round(trainer.steps_per_second, 3)}
+        self.meta.requires_grad_(False)
+        self.deltas: dict[str, list[torch.Tensor]] = {}
+
+    def info(self) -> dict:
+        return {"metatrain": self.training} if self.training else {}
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        from ..plots import figure_delta_histogram, figure_metatraining, save
+
+        paths = []
+        if self.history:
+            paths.append(save(figure_metatraining(self.history), out_dir / "metatraining.png"))
+        if self.deltas:
+            paths.append(save(figure_delta_histogram({k: torch.cat(v) for k, v in self.deltas.items()}),
+                              out_dir / "deltas.png"))
+        return paths
+
+    def learner(self, model: nn.Module, run: int) -> Learner:
+        every = self.experiment.config["metatest"]["eval_every"] if run == 0 else 0
+        return OursLearner(model, self.meta, self.deltas if every else None, every)

@@ -1,0 +1,100 @@
+"""A method is an update rule plugged into the one meta-test loop (``runner.run_metatest``).
+
+``Method.prepare`` runs once per experiment (pre-train a backbone, meta-train, ...);
+``Method.learner`` gives, per run, the object whose ``step`` trains the network on the
+new task's batches.  Readouts call ``Learner.features``/``Learner.head``.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+
+from .data import Batch, Task
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .runner import Experiment
+
+# name -> "module:Class"; the order is the default order of ``--methods``.
+METHODS: dict[str, str] = {
+    "ours": "fastl2r.meta.ours:Ours",
+    "sgd": "fastl2r.baselines.sgd:SGD",
+    "sgd_x0.1": "fastl2r.baselines.sgd:SGDx01",
+    "teacher": "fastl2r.baselines.teacher:Teacher",
+}
+
+
+class Learner(abc.ABC):
+    """Trains ``model`` on one new task after another."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.task_index = 0
+
+    def begin_task(self, task_index: int, task: Task) -> None:
+        """A new task starts; its fresh head is ``model.heads[task_index]``."""
+        self.task_index = task_index
+
+    @abc.abstractmethod
+    def step(self, new: Batch, old: Optional[Batch]) -> None:
+        """One update on a batch of the new task (``old``: of the earlier tasks, if asked for)."""
+
+    def features(self, task_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The representation used to read out task ``task_index``."""
+        return self.model
+
+    def head(self, task_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.model.heads[task_index]
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]
+    needs_old_data: ClassVar[bool] = False  # the learner's ``step`` gets batches of earlier tasks
+
+    def __init__(self, experiment: "Experiment", options: dict):
+        self.experiment = experiment
+        self.options = options
+
+    def prepare(self) -> None:
+        """Once per experiment, before the runs."""
+
+    def info(self) -> dict:
+        """Facts about the method's preparation worth keeping in ``results.json``."""
+        return {}
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """Figures or files of the method's own (e.g. meta-training curves); returns their paths."""
+        return []
+
+    def initial_model(self, run: int) -> nn.Module:
+        """The network a run starts from: by default the pre-trained ``w0``."""
+        return self.experiment.pretrained_model()
+
+    @abc.abstractmethod
+    def learner(self, model: nn.Module, run: int) -> Learner:
+        """The learner of one run."""
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_methods(text: Optional[str]) -> list[str]:
+    """``a,b,c`` -> validated, de-duplicated names; ``None`` -> every method."""
+    if text is None:
+        return list(METHODS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError("--methods is empty; choose from: " + ", ".join(METHODS))
+    for n in names:
+        if n not in METHODS:
+            raise UserError(f"unknown method {n!r}; choose from: {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))

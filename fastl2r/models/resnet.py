@@ -1,0 +1,98 @@
+"""CIFAR ResNets of He et al. (2016) with GroupNorm, multi-head (DESIGN §1.1).
+
+``model(x)`` returns the 64-d representation ``h``; ``model.heads[t](h)`` gives the
+logits of task ``t``.  Shortcuts are parameter-free: subsample, then zero-pad the
+new channels (option A of the paper).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHANNELS_PER_GROUP = 4  # GroupNorm groups of 4 channels (ours)
+WIDTHS = (16, 32, 64)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(channels // CHANNELS_PER_GROUP, channels)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.gn1 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.gn2 = group_norm(out_channels)
+        self.stride = stride
+        self.extra_channels = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.extra_channels:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        return F.relu(out + shortcut)
+
+
+class ResNetGN(nn.Module):
+    """3 stages of ``blocks_per_stage`` BasicBlocks at widths 16/32/64; depth = 6n + 2."""
+
+    representation_dim = WIDTHS[-1]
+
+    def __init__(self, blocks_per_stage: int, in_channels: int = 3, head_classes: Sequence[int] = ()):
+        super().__init__()
+        self.blocks_per_stage = blocks_per_stage
+        self.in_channels = in_channels
+        self.conv = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
+        self.gn = group_norm(WIDTHS[0])
+        blocks, width = [], WIDTHS[0]
+        for stage, out_width in enumerate(WIDTHS):
+            for b in range(blocks_per_stage):
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(BasicBlock(width, out_width, stride))
+                width = out_width
+        self.blocks = nn.Sequential(*blocks)
+        self.heads = nn.ModuleList()
+        for n in head_classes:
+            self.add_head(n)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation ``h`` [N, 64]: global average pool of the last stage."""
+        out = F.relu(self.gn(self.conv(x)))
+        out = self.blocks(out)
+        return out.mean(dim=(2, 3))
+
+    def add_head(self, num_classes: int) -> int:
+        """Append a fresh ``Linear(64, num_classes)`` head; returns its task index."""
+        head = nn.Linear(self.representation_dim, num_classes)
+        param = next(self.parameters(), None)
+        if param is not None:
+            head = head.to(device=param.device, dtype=param.dtype)
+        self.heads.append(head)
+        return len(self.heads) - 1
+
+    def logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self(x))
+
+    @property
+    def depth(self) -> int:
+        return 6 * self.blocks_per_stage + 2
+
+
+def resnet32_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
+    return ResNetGN(5, in_channels, head_classes)
+
+
+def resnet14_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
+    return ResNetGN(2, in_channels, head_classes)
+
+
+ARCHITECTURES = {"resnet32_gn": resnet32_gn, "resnet14_gn": resnet14_gn}

@@ -1,0 +1,107 @@
+"""Which backends exist, for which devices, and which one an op call gets.
+
+Adding a backend means adding one entry to ``BACKENDS`` (and its own files).
+``FASTL2R_BACKEND`` (or ``use_backend``) forces one: if it cannot run, that is an
+error naming why.  Otherwise the first available backend of ``AUTO_ORDER`` for the
+tensor's device wins, and an unavailable one is skipped with one warning line.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Iterator, Optional
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str                                   # provides channel_means, meta_lstm, gated_update
+    devices: tuple[str, ...]                      # device types it can run on
+    unavailable: Callable[[str], Optional[str]]   # device type -> why it cannot run, or None
+
+
+def _always(device_type: str) -> Optional[str]:
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "fastl2r.ops.reference", ("cpu", "cuda"), _always),
+}
+
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference",),
+    "cuda": ("reference",),
+}
+
+_override = threading.local()
+_warned: set[tuple[str, str]] = set()
+_cache: dict[tuple[Optional[str], str], ModuleType] = {}
+
+
+def requested_backend() -> Optional[str]:
+    """The forced backend: ``use_backend`` if active, else ``$FASTL2R_BACKEND``, else None."""
+    return getattr(_override, "name", None) or os.environ.get("FASTL2R_BACKEND") or None
+
+
+@contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend inside the block (``None`` restores the automatic choice)."""
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def _why_not(backend: Backend, device_type: str) -> Optional[str]:
+    if device_type not in backend.devices:
+        return f"it runs on {', '.join(backend.devices)} tensors, not {device_type}"
+    return backend.unavailable(device_type)
+
+
+def backend_name(device_type: str) -> str:
+    """Name of the backend an op on a ``device_type`` tensor uses now."""
+    forced = requested_backend()
+    if forced is not None:
+        backend = BACKENDS.get(forced)
+        if backend is None:
+            raise BackendError(
+                f"unknown backend {forced!r} (from FASTL2R_BACKEND or use_backend); "
+                f"known backends: {', '.join(sorted(BACKENDS))}")
+        reason = _why_not(backend, device_type)
+        if reason is not None:
+            raise BackendError(f"backend {forced!r} was requested but cannot run: {reason}")
+        return forced
+    for name in AUTO_ORDER.get(device_type, ("reference",)):
+        reason = _why_not(BACKENDS[name], device_type)
+        if reason is None:
+            return name
+        if (name, device_type) not in _warned:
+            _warned.add((name, device_type))
+            warnings.warn(f"fastl2r: {name} backend skipped on {device_type}: {reason}", stacklevel=4)
+    raise BackendError(f"no fastl2r backend can run on {device_type} tensors")
+
+
+def _resolve(device_type: str) -> ModuleType:
+    key = (requested_backend(), device_type)
+    module = _cache.get(key)
+    if module is None:
+        module = importlib.import_module(BACKENDS[backend_name(device_type)].module)
+        _cache[key] = module
+    return module
+
+
+def backend_for(device: "str | object") -> ModuleType:
+    """The module implementing the ops for tensors on ``device``."""
+    device_type = getattr(device, "type", None) or str(device).split(":")[0]
+    return _resolve(device_type)

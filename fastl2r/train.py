@@ -1,0 +1,140 @@
+"""Command line: ``python -m fastl2r.train exp1 --suite fmnist --preset smoke``.
+
+A thin layer over ``fastl2r.runner.Experiment``.  Bad input prints one line on
+stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import _io
+from .errors import UserError
+from .experiments import EXPERIMENTS, PRESETS, SUITES, build_config
+from .methods import METHODS, parse_methods
+from .runner import Experiment, save_results
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fastl2r.train",
+                description="Reproduce an experiment of 'Learning to Remember from a Multi-Task Teacher': "
+                            "pre-train on Task A, meta-test every method on the new task(s), and write "
+                            "config.json, results.json, curves.csv and the figures into a run folder.")
+    p.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--suite", default="paper",
+                   help="paper (CIFAR-10/100, Tiny-ImageNet) or fmnist (Fashion-MNIST, offline); default paper")
+    p.add_argument("--preset", default="paper",
+                   help="paper (full size, needs a GPU), quick (scaled down) or smoke (about a minute); "
+                        "default paper")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--runs", type=int, default=None, help="number of runs (default 5; 2 in the smoke preset)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--data-root", default=None, help="datasets and cached checkpoints "
+                                                     "(default $FASTL2R_DATA, else ~/.cache/fastl2r)")
+    p.add_argument("--out", default=None, help="run folder (default runs/EXP-SUITE-PRESET-TIME)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value, e.g. --set metatest.eval_every=50 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but this torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def prepare_out_dir(out: Optional[str], config: dict) -> Path:
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = os.path.join("runs", f"{config['experiment']}-{config['suite']}-{config['preset']}-{stamp}")
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with _io.atomic_path(path / ".write-test") as tmp:
+            tmp.write_bytes(b"")
+        (path / ".write-test").unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {str(path)!r}: {exc.strerror or exc}; "
+                        "choose another with --out") from None
+    return path
+
+
+def estimate_seconds(config: dict, device: torch.device) -> float:
+    """A rough duration: one measured forward+backward, times the passes the run makes."""
+    from .models import ARCHITECTURES
+
+    model = ARCHITECTURES[config["arch"]](3, [10]).to(device)
+    x = torch.randn(64, 3, 32, 32, device=device)
+    model(x).sum().backward()
+    start = time.perf_counter()
+    for _ in range(2):
+        model(x).sum().backward()
+    per_pass = (time.perf_counter() - start) / 2
+    mt, test = config["metatrain"], config["metatest"]
+    tasks = len(config["tasks"]["meta_test"])
+    passes = 2 * 200 * config["pretrain"]["epochs"] * (1 + mt["checkpoints"])       # ~25k images at 128
+    passes += mt["episodes"] * mt["episode_steps"] * tasks * (4 + mt["tbptt"][2])     # Algorithm 1, upper bound
+    passes += config["runs"] * len(config["methods"]) * test["steps_per_task"] * tasks * 2
+    return passes * per_pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
+                              overrides=args.overrides)
+        methods = parse_methods(args.methods)
+        device = resolve_device(args.device)
+        out_dir = prepare_out_dir(args.out, config)
+        if config["preset"] == "paper" and device.type == "cpu":
+            hours = estimate_seconds(config, device) / 3600
+            print(f"The paper preset on a CPU: roughly {hours:,.0f} hours (estimated). "
+                  "Use a GPU (--device cuda) or --preset quick/smoke.", file=sys.stderr)
+        _io.write_json(out_dir / "config.json", {**config, "methods_run": methods, "device": str(device)})
+        experiment = Experiment(config, data_root=args.data_root, out_dir=out_dir, device=device,
+                                progress=not args.no_progress)
+        start = time.perf_counter()
+        results = experiment.run(methods)
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        paths = save_results(results, out_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(results))
+    print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")
+    return 0
+
+
+def summary(results: dict) -> str:
+    """Step-0 and final readout accuracy per method and task."""
+    lines = [f"{results['experiment']} ({results['suite']} suite, {results['preset']} preset), "
+             f"{results['seconds']} s; readout accuracy % (mean ± std), first → last step"]
+    for name, entry in results["methods"].items():
+        cells = []
+        for task, series in entry["readout"].items():
+            pairs = [(m, s) for m, s in zip(series["mean"], series["std"]) if m is not None]
+            (m0, s0), (m1, s1) = pairs[0], pairs[-1]
+            cells.append(f"{task} {100 * m0:.1f}±{100 * s0:.1f} → {100 * m1:.1f}±{100 * s1:.1f}")
+        lines.append(f"  {name:9s} " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
