@@ -6,6 +6,11 @@ one into an isolated build environment::
     pip install torch==2.13.0          # or any torch >= 2.11
     pip install --no-build-isolation -e ".[dev]"
 """
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
 
 try:
@@ -19,6 +24,46 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 packages = find_packages(include=["fastl2r", "fastl2r.*"]) + ["fastl2r.kernels"]
 
+
+def _cuda_wanted() -> bool:
+    """Build fastl2r._C_cuda? FASTL2R_BUILD_CUDA=0/1 decides; by default, when this torch
+    has CUDA and nvcc is found."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    available = torch.version.cuda is not None and bool(nvcc)
+    choice = os.environ.get("FASTL2R_BUILD_CUDA")
+    if choice == "1" and not available:
+        raise SystemExit(f"FASTL2R_BUILD_CUDA=1, but the CUDA extension needs a CUDA build of torch (this is "
+                         f"{torch.__version__}) and nvcc (found: {nvcc or 'none'}).")
+    return available if choice is None else choice == "1"
+
+
+def _extensions() -> tuple[list, dict]:
+    """The C++ (CPU) extension fastl2r._C, and fastl2r._C_cuda where CUDA can be built
+    (csrc/).  Without a C++ compiler the package installs without them and runs on the
+    reference ops."""
+    compiler = os.environ.get("CXX", "c++").split()[0]
+    if shutil.which(compiler) is None:
+        print(f"fastl2r: no C++ compiler ({compiler}) was found, so the C++ extension is not built and "
+              "fastl2r will run on the reference ops. Install one (e.g. g++) and re-run "
+              "`pip install --no-build-isolation -e .`", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    extensions = [CppExtension(
+        "fastl2r._C", sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+        extra_compile_args={"cxx": ["-O3", *openmp]}, extra_link_args=openmp)]
+    if _cuda_wanted():
+        extensions.append(CUDAExtension(
+            "fastl2r._C_cuda", sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
 setup(
     name="fastl2r",
     version="0.1.0",
@@ -28,6 +73,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastl2r.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.11",
         "numpy>=1.24",

@@ -141,12 +141,14 @@ def leaf_keys(config: dict, prefix: str = "") -> list[str]:
 
 
 def apply_override(config: dict, item: str) -> None:
-    """Apply ``key.path=value``; the value is parsed as JSON (else kept as a string) and must
-    have the type of the value it replaces."""
+    """Apply ``key.path=value`` (a method's options may omit ``methods.``); the value is parsed as
+    JSON (else kept as a string) and must have the type of the value it replaces."""
     if "=" not in item:
         raise UserError(f"--set expects KEY=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
+    if parts[0] in config["methods"] and parts[0] not in config:  # ``ewc.lambda`` = ``methods.ewc.lambda``
+        parts = ["methods"] + parts
     node = config
     for part in parts[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
@@ -182,6 +184,10 @@ def validate(config: dict) -> None:
                 value <= 0 if key in positive else value < 0):
             bound = "positive" if key in positive else "non-negative"
             raise UserError(f"{key} must be a {bound} finite number, got {value!r}")
+    from .models import ARCHITECTURES
+
+    if config["arch"] not in ARCHITECTURES:
+        raise UserError(f"unknown arch {config['arch']!r}; choose one of: {', '.join(ARCHITECTURES)}")
     for name, method in config["methods"].items():
         for k, v in method.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):

@@ -7,14 +7,12 @@
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +56,7 @@ class Experiment:
         self.progress = progress
         self.download = download
         self._datasets: dict[str, ImageDataset] = {}
-        self._w0: dict[tuple, dict] = {}
+        self._states: dict[tuple, dict] = {}
 
     # ----- data -----
     def dataset(self, name: str) -> ImageDataset:
@@ -114,39 +112,48 @@ class Experiment:
     def cache_dir(self) -> Path:
         return self.data_root / "checkpoints"
 
-    def checkpoint_path(self, kind: str, index: int, extra: Optional[dict] = None) -> Path:
-        """Where a cached network of ``kind`` lives: keyed by everything that shapes it."""
+    def cached_state(self, kind: str, index: int, build: Callable[[], dict], extra: Optional[dict] = None) -> dict:
+        """A network state of ``kind`` (``w0``, a baseline's backbone, ...) from the disk cache, or
+        ``build()`` it and cache it.  The key holds everything that shapes it: architecture, Task A,
+        pre-training settings, seed, ``index`` and ``extra``; a JSON file beside it holds the facts."""
         c = self.config
         key = spec_key({"kind": kind, "arch": c["arch"], "source": self.source_spec, "pretrain": c["pretrain"],
                         "seed": c["seed"], "index": index, "extra": extra})
-        return self.cache_dir / f"{kind}-{c['suite']}-{c['experiment']}-{c['preset']}-seed{c['seed']}-{index}-{key}.pt"
+        path = self.cache_dir / f"{kind}-{c['suite']}-{c['preset']}-seed{c['seed']}-{index}-{key}.pt"
+        memo = (kind, index, key)
+        if memo in self._states:
+            return self._states[memo]
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated or foreign file
+                raise UserError(f"the cached network {path} cannot be read ({exc}); delete it to rebuild it") from None
+        else:
+            state = build()
+            _io.torch_save(state, path)
+            _io.write_json(path.with_suffix(".json"), {k: v for k, v in state.items() if k != "model"})
+        self._states[memo] = state
+        return state
 
     def pretrained_state(self, index: int = 0) -> dict:
         """``w0``: the network pre-trained on Task A (head 0), cached on disk; ``index`` picks one
         of Experiment 3's checkpoints (each its own seed)."""
-        path = self.checkpoint_path("w0", index)
-        if index in self._w0:
-            return self._w0[index]
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
+        def build() -> dict:
             task = self.source_task()
             p = self.config["pretrain"]
-            torch.manual_seed(self.config["seed"] * 1000 + index)
-            model = self.new_model([task.num_classes])
+            seed = self.config["seed"] * 1000 + index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = self.new_model([task.num_classes])
             steps = steps_for_epochs([task], p["epochs"], p["batch_size"])
             train_supervised(model, [task], steps=steps, lr=p["lr"], momentum=p["momentum"],
                              weight_decay=p["weight_decay"], batch_size=p["batch_size"],
-                             warmup_fraction=p["warmup_fraction"], device=self.device,
-                             seed=self.config["seed"] * 1000 + index,
+                             warmup_fraction=p["warmup_fraction"], device=self.device, seed=seed,
                              desc=f"pre-training w0 #{index} on {task.name}", progress=self.progress)
-            accuracy = head_accuracy(model, task, 0, self.device)
-            state = {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                     "task": task.name, "steps": steps, "test_accuracy": accuracy}
-            _io.torch_save(state, path)
-            _io.write_json(path.with_suffix(".json"), {k: v for k, v in state.items() if k != "model"})
-        self._w0[index] = state
-        return state
+            return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "task": task.name,
+                    "steps": steps, "test_accuracy": head_accuracy(model, task, 0, self.device)}
+
+        return self.cached_state("w0", index, build)
 
     @property
     def metatest_checkpoint(self) -> int:

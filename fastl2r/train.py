@@ -6,6 +6,7 @@ stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Reproduce an experiment of 'Learning to Remember from a Multi-Task Teacher': "
                             "pre-train on Task A, meta-test every method on the new task(s), and write "
                             "config.json, results.json, curves.csv and the figures into a run folder.")
-    p.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
+    p.add_argument("experiment", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}")
     p.add_argument("--suite", default="paper",
                    help="paper (CIFAR-10/100, Tiny-ImageNet) or fmnist (Fashion-MNIST, offline); default paper")
     p.add_argument("--preset", default="paper",
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set metatest.eval_every=50 (repeatable)")
+    p.add_argument("--metalearner", default=None, metavar="PATH",
+                   help="use this trained meta-learner (a run's metalearner.pt) for 'ours' instead of meta-training")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run in RUN_DIR with its own configuration "
+                        "(meta-training restarts from its last checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -76,6 +82,22 @@ def prepare_out_dir(out: Optional[str], config: dict) -> Path:
     return path
 
 
+def resumed_run(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The configuration and methods of the run being resumed (other options must not differ)."""
+    path = Path(args.resume) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume {args.resume}: no config.json there; pass the folder of an earlier run")
+    try:
+        saved = json.loads(path.read_text())
+        methods = saved.pop("methods_run")
+        saved.pop("device", None)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"--resume: {path} is not a run configuration ({exc})") from None
+    if args.experiment not in (None, saved["experiment"]):
+        raise UserError(f"--resume {args.resume} is a run of {saved['experiment']}, not {args.experiment}")
+    return saved, methods
+
+
 def estimate_seconds(config: dict, device: torch.device) -> float:
     """A rough duration: one measured forward+backward, times the passes the run makes."""
     from .models import ARCHITECTURES
@@ -98,11 +120,22 @@ def estimate_seconds(config: dict, device: torch.device) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
-                              overrides=args.overrides)
-        methods = parse_methods(args.methods)
+        if args.resume is not None:
+            config, methods = resumed_run(args)
+            out = args.resume
+        else:
+            if args.experiment is None:
+                raise UserError("the following arguments are required: experiment (see --help)")
+            config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
+                                  overrides=args.overrides)
+            methods = parse_methods(args.methods)
+            out = args.out
+        if args.metalearner is not None:
+            if not os.path.isfile(args.metalearner):
+                raise UserError(f"--metalearner {args.metalearner}: no such file (a run's metalearner.pt)")
+            config["methods"]["ours"]["metalearner"] = os.path.abspath(args.metalearner)
         device = resolve_device(args.device)
-        out_dir = prepare_out_dir(args.out, config)
+        out_dir = prepare_out_dir(out, config)
         if config["preset"] == "paper" and device.type == "cpu":
             hours = estimate_seconds(config, device) / 3600
             print(f"The paper preset on a CPU: roughly {hours:,.0f} hours (estimated). "

@@ -1,0 +1,86 @@
+"""Triton kernels of fastl2r's fused operations (DESIGN §3), one file per op.
+
+Each file holds the op's kernels, their launchers (which write into outputs the
+caller allocates, so tests can poison them) and its ``torch.library`` registration
+in the ``fastl2r_triton`` namespace, with fake kernels and autograd.  Only
+``fastl2r.ops`` imports this package (it imports Triton).  On a CPU, Triton runs in
+its interpreter: ``TRITON_INTERPRET=1`` must be set before the kernel files are
+imported.
+
+This file holds what the op files share: exact ``sigmoid``/``tanh`` (Triton 3.6 has
+no ``tl.tanh`` and its libdevice path differs between versions), the tables that
+map row blocks to the tensors of a group, and layout offsets derived from
+``fastl2r.ops.layout`` (never restated here).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    """tanh to fp32 accuracy: ``(1 - e^{-2|x|}) / (1 + e^{-2|x|})``, its Taylor series near 0."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.1, series, t)
+    return tl.where(x < 0, -t, t)
+
+
+_tables: dict[tuple, torch.Tensor] = {}
+
+
+def cached_table(name: str, key: tuple, build, device: torch.device, dtype: torch.dtype = torch.int32
+                 ) -> torch.Tensor:
+    """A small constant int table on ``device``, built by ``build()`` once per (name, key):
+    the kernels' row-block and tile tables cost no upload per call."""
+    full_key = (name, key, torch.device(device), dtype)
+    table = _tables.get(full_key)
+    if table is None:
+        table = torch.tensor(build(), dtype=dtype, device=device)
+        _tables[full_key] = table
+    return table
+
+
+def row_blocks(rows: Sequence[int], block: int, device: torch.device) -> torch.Tensor:
+    """``int32 [n, 3]``: per block of at most ``block`` rows of one tensor, (tensor, first row, end row).
+
+    Blocks never straddle two tensors, so each program of a row-blocked kernel reads
+    the weights of exactly one meta-net.
+    """
+    def build():
+        table, start = [], 0
+        for t, n in enumerate(rows):
+            table += [[t, r, min(r + block, start + n)] for r in range(start, start + n, block)]
+            start += n
+        return table
+    return cached_table("row_blocks", (tuple(rows), block), build, device)
+
+
+def row_offsets(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``int32 [G + 1]``: where each tensor's rows start in the group, then the total."""
+    def build():
+        offsets = [0]
+        for n in rows:
+            offsets.append(offsets[-1] + n)
+        return offsets
+    return cached_table("row_offsets", tuple(rows), build, device)
+
+
+def view_offsets(views: Sequence[torch.Tensor]) -> list[int]:
+    """Element offsets of views into one row of a parameter matrix (from ``fastl2r.ops.layout``)."""
+    return [v.storage_offset() for v in views]
+
+
+def next_pow2(n: int, least: int = 1) -> int:
+    return max(triton.next_power_of_2(max(int(n), 1)), least)

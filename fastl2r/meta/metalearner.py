@@ -25,7 +25,6 @@ from ..ops import NUM_CELLS, GroupDims, unpack_head, unpack_lstm
 
 CONV_HIDDEN = 64
 NORM_HIDDEN = 32
-INITIAL_SCALE = 1.0 / math.tanh(1.0)  # s·tanh(b_out = 1) = 1: the student starts as plain SGD
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class MetaLearner(nn.Module):
     """Meta-nets for every conv / GroupNorm / linear tensor of models shaped like ``model``."""
 
     def __init__(self, model: nn.Module, *, lr: float = 0.1, head_prefix: str = "heads",
-                 conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN):
+                 conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.lr = float(lr)
         self.head_prefix = head_prefix
@@ -138,8 +137,8 @@ class MetaLearner(nn.Module):
         self.lstm = nn.ParameterList()
         self.head = nn.ParameterList()
         for group in self.groups:
-            self.lstm.append(nn.Parameter(_init_lstm(len(group.tensors), group.dims)))
-            self.head.append(nn.Parameter(_init_head(len(group.tensors), group.dims)))
+            self.lstm.append(nn.Parameter(_init_lstm(len(group.tensors), group.dims, dtype)))
+            self.head.append(nn.Parameter(_init_head(len(group.tensors), group.dims, dtype)))
             self.register_buffer(f"row_index_{group.index}", group.row_index(), persistent=False)
             self.register_buffer(f"shared_index_{group.index}", group.shared_index(), persistent=False)
 
@@ -225,19 +224,20 @@ class MetaLearner(nn.Module):
         return "\n".join(lines)
 
 
-def _init_lstm(count: int, dims: GroupDims) -> torch.Tensor:
+def _init_lstm(count: int, dims: GroupDims, dtype: torch.dtype) -> torch.Tensor:
     """``torch.nn.LSTMCell``'s init, U(-1/√H, 1/√H); the bias is the sum of its two biases."""
     bound = 1.0 / math.sqrt(dims.H)
-    lstm = torch.empty(count, dims.lstm_size).uniform_(-bound, bound)
+    lstm = torch.empty(count, dims.lstm_size, dtype=dtype).uniform_(-bound, bound)
     for _, _, b in unpack_lstm(lstm, dims):
         b.add_(torch.empty_like(b).uniform_(-bound, bound))
     return lstm
 
 
-def _init_head(count: int, dims: GroupDims) -> torch.Tensor:
-    """``W_out = 0``, ``b_out = 1``, ``s = 1/tanh(1)``: δ ≡ 1 at the start."""
-    head = torch.zeros(count, dims.head_size)
+def _init_head(count: int, dims: GroupDims, dtype: torch.dtype) -> torch.Tensor:
+    """``W_out = 0``, ``b_out = 1``, ``s = 1/tanh(1)``: δ ≡ 1 at the start, exactly when ``s`` is
+    computed in the parameters' own dtype (converting a float32 ``s`` to float64 is not exact)."""
+    head = torch.zeros(count, dims.head_size, dtype=dtype)
     _, b_out, scale = unpack_head(head, dims)
     b_out.fill_(1.0)
-    scale.fill_(INITIAL_SCALE)
+    scale.copy_(1.0 / torch.tanh(torch.ones((), dtype=dtype)))
     return head

@@ -66,7 +66,7 @@ class Ours(Method):
         if path:
             self.meta = load_metalearner(path, model, exp.device, lr=lr)
         else:
-            trainer = MetaTrainer(exp, MetaLearner(model, lr=lr), run_dir=exp.out_dir)
+            trainer = MetaTrainer(exp, run_dir=exp.out_dir)
             if exp.out_dir is not None:
                 trainer.resume(exp.out_dir)
             self.meta = trainer.train(progress=exp.progress)

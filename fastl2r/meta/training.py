@@ -106,7 +106,11 @@ class MetaTrainer:
         self.mt = self.config["metatrain"]
         self.device = experiment.device
         skeleton = experiment.new_model()
-        self.meta = (meta or MetaLearner(skeleton, lr=self.mt["lr"])).to(self.device)
+        if meta is None:
+            with torch.random.fork_rng(devices=[]):  # θ's initialisation follows the run's seed
+                torch.manual_seed(self.config["seed"])
+                meta = MetaLearner(skeleton, lr=self.mt["lr"])
+        self.meta = meta.to(self.device)
         self.skeleton = skeleton
         self.optimizer = torch.optim.Adam(self.meta.parameters(), lr=self.mt["meta_lr"])
         self.progress = TrainerProgress()
@@ -223,12 +227,15 @@ class MetaTrainer:
         return True
 
     # ----- the whole run -----
-    def train(self, progress: bool = True) -> MetaLearner:
+    def train(self, progress: bool = True, stop_after: Optional[int] = None) -> MetaLearner:
+        """Run the remaining episodes (up to episode ``stop_after`` if given), checkpointing every
+        ``save_every`` episodes and at the end; the finished meta-learner goes to ``metalearner.pt``."""
         total = self.mt["episodes"]
+        until = total if stop_after is None else min(stop_after, total)
         self._start = time.perf_counter()
         bar = tqdm(total=total, initial=self.progress.episode, desc="meta-training", disable=not progress,
                    dynamic_ncols=True)
-        while self.progress.episode < total:
+        while self.progress.episode < until:
             record = self.run_episode(self.progress.episode, bar)
             self.progress.history.append(asdict(record))
             self.progress.episode += 1
@@ -237,7 +244,7 @@ class MetaTrainer:
                 self._checkpoint()
         bar.close()
         self._checkpoint()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.progress.episode == total:
             _io.torch_save({"meta": self.meta.state_dict(), "arch": self.config["arch"],
                             "config": self.config}, self.run_dir / METALEARNER)
             _io.write_json(self.run_dir / "metatrain.json", {k: v for k, v in asdict(self.progress).items()})

@@ -95,4 +95,9 @@ def resnet14_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNe
     return ResNetGN(2, in_channels, head_classes)
 
 
-ARCHITECTURES = {"resnet32_gn": resnet32_gn, "resnet14_gn": resnet14_gn}
+def resnet8_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
+    """One block per stage: not in the paper; for tests and fast trials (``--set arch=resnet8_gn``)."""
+    return ResNetGN(1, in_channels, head_classes)
+
+
+ARCHITECTURES = {"resnet32_gn": resnet32_gn, "resnet14_gn": resnet14_gn, "resnet8_gn": resnet8_gn}

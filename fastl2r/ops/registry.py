@@ -8,6 +8,7 @@ tensor's device wins, and an unavailable one is skipped with one warning line.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Iterator, Optional
+
+import torch
 
 
 class BackendError(RuntimeError):
@@ -33,13 +36,40 @@ def _always(device_type: str) -> Optional[str]:
     return None
 
 
+def _compiled(module: str) -> Callable[[str], Optional[str]]:
+    """A backend whose kernels live in the compiled extension ``module`` (csrc/)."""
+    def unavailable(device_type: str) -> Optional[str]:
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError) as exc:
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            return (f"its extension {module} is not built or does not load ({first_line}); "
+                    "build it with `pip install --no-build-isolation -e .`")
+        return None
+    return unavailable
+
+
+def _triton(device_type: str) -> Optional[str]:
+    """Triton compiles for CUDA GPUs; on the CPU it runs only in its interpreter (for tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (`pip install triton`)"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    return None
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "fastl2r.ops.reference", ("cpu", "cuda"), _always),
+    "triton": Backend("triton", "fastl2r.ops.triton_backend", ("cpu", "cuda"), _triton),
+    "cpp": Backend("cpp", "fastl2r.ops.cpp_backend", ("cpu",), _compiled("fastl2r._C")),
+    "cuda": Backend("cuda", "fastl2r.ops.cpp_backend", ("cuda",), _compiled("fastl2r._C_cuda")),
 }
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("reference",),
-    "cuda": ("reference",),
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
 
 _override = threading.local()

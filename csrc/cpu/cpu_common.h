@@ -1,0 +1,87 @@
+// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, BLAS
+// GEMMs on raw row-major blocks, row blocks of a group, pointwise activations.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "../op_common.h"
+
+namespace fastl2r::cpu {
+
+// Runs task(i) for every i in [0, n) on ATen's intra-op threads (OpenMP), handing
+// tasks out one at a time so that unequal tasks still balance.  Every task writes
+// its own outputs, so the result does not depend on the number of threads.
+template <typename Task>
+void parallel_tasks(int64_t n, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    c10::InferenceMode no_autograd;  // the GEMMs below wrap raw memory: no graph, no version counters
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(i);
+  });
+}
+
+// c[m, n] = beta * c + alpha * op(a)[m, k] @ op(b)[k, n], every matrix row-major with
+// its row stride; op transposes when the flag is set.  ATen's BLAS (MKL, OpenBLAS)
+// does the work, single-threaded inside parallel_tasks.
+template <typename T>
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (k == 0) {
+    beta == T(0) ? cm.zero_() : cm.mul_(beta);
+    return;
+  }
+  at::Tensor am = at::from_blob(const_cast<T*>(a), {m, k},
+                                transpose_a ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1}, options);
+  at::Tensor bm = at::from_blob(const_cast<T*>(b), {k, n},
+                                transpose_b ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1}, options);
+  cm.addmm_(am, bm, beta, alpha);
+}
+
+// A run of at most `block` consecutive rows of one tensor of a group.
+struct RowBlock {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<RowBlock> row_blocks(const std::vector<int64_t>& starts, int64_t block) {
+  std::vector<RowBlock> blocks;
+  for (size_t t = 0; t + 1 < starts.size(); ++t) {
+    for (int64_t r = starts[t]; r < starts[t + 1]; r += block) {
+      blocks.push_back({static_cast<int64_t>(t), r, std::min(r + block, starts[t + 1])});
+    }
+  }
+  return blocks;
+}
+
+// Rows per task of the row-blocked loops: small enough to balance two threads on the
+// groups of a ResNet, large enough for an efficient GEMM.
+constexpr int64_t kRowBlock = 32;
+
+// Uninitialised scratch memory, NaN-filled in the poison test mode.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  std::unique_ptr<T[]> buffer(new T[n]);
+  if (poison_outputs()) std::fill_n(buffer.get(), n, std::numeric_limits<T>::quiet_NaN());
+  return buffer;
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+}  // namespace fastl2r::cpu

@@ -1,0 +1,302 @@
+// The grouped meta-LSTM on the CPU (fastl2r/ops/reference.py::meta_lstm): the three
+// stacked cells for every row of a group, forward and backward.
+//
+// Forward: one task per block of rows of one tensor runs all three cells (GEMMs into
+// the saved gates, then the fused gate/cell/ReLU pass), so a block stays in cache.
+// Cell 0's shared input (a_shared) is folded into its bias once per tensor.
+// Backward: the same row blocks run the cells top-down (fused gate derivatives, then
+// the GEMMs for the state and input gradients); then one task per (tensor, cell part)
+// forms that meta-net's weight gradients from the saved gate gradients.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cpu_common.h"
+
+namespace fastl2r::cpu {
+namespace {
+
+// 1 / (rms + eps) of each feature block of tensor t (GroupLayout::num_scales values).
+template <typename T>
+void inverse_rms(const GroupLayout& L, int64_t t, int64_t r0, int64_t r1, const T* w, const T* g,
+                 const T* a_row, const T* a_shared, T* scales) {
+  auto inverse = [](double sum_sq, int64_t count) {
+    return static_cast<T>(1.0 / (std::sqrt(sum_sq / static_cast<double>(count)) + kRmsEps));
+  };
+  const int64_t n = (r1 - r0) * L.K;
+  const T* wt = w + r0 * L.K;
+  const T* gt = g + r0 * L.K;
+  double sw = 0, sg = 0;
+#pragma omp simd reduction(+ : sw, sg)
+  for (int64_t i = 0; i < n; ++i) {
+    sw += static_cast<double>(wt[i]) * wt[i];
+    sg += static_cast<double>(gt[i]) * gt[i];
+  }
+  scales[L.scale_w()] = inverse(sw, n);
+  scales[L.scale_g()] = inverse(sg, n);
+  for (int64_t j = 0; j < L.Ar; ++j) {
+    double sa = 0;
+    for (int64_t r = r0; r < r1; ++r) sa += static_cast<double>(a_row[r * L.Ar + j]) * a_row[r * L.Ar + j];
+    scales[L.scale_a(j)] = inverse(sa, r1 - r0);
+  }
+  double ss = 0;
+  for (int64_t j = 0; j < L.Ds; ++j) ss += static_cast<double>(a_shared[t * L.Ds + j]) * a_shared[t * L.Ds + j];
+  scales[L.scale_shared()] = L.Ds ? inverse(ss, L.Ds) : T(0);
+}
+
+template <typename T>
+std::vector<T> all_inverse_rms(const GroupLayout& L, const std::vector<int64_t>& starts, const T* w,
+                               const T* g, const T* a_row, const T* a_shared) {
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1, S = L.num_scales();
+  std::vector<T> scales(G * S);
+  parallel_tasks(G, [&](int64_t t) {
+    inverse_rms(L, t, starts[t], starts[t + 1], w, g, a_row, a_shared, scales.data() + t * S);
+  });
+  return scales;
+}
+
+// Gates (pre-activation, without bias) -> activated gates in place; the new state and
+// ReLU(h_new), the next cell's input.
+template <typename T>
+void cell_forward(int64_t rows, int64_t H, const T* bias, const T* c_prev, T* gates, T* h_out, T* c_out,
+                  T* relu_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* gr = gates + r * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = sigmoid(gr[j] + bias[j]);
+      const T f = sigmoid(gr[H + j] + bias[H + j]);
+      const T u = std::tanh(gr[2 * H + j] + bias[2 * H + j]);
+      const T o = sigmoid(gr[3 * H + j] + bias[3 * H + j]);
+      const T c_new = f * c_prev[r * H + j] + i * u;
+      const T h_new = o * std::tanh(c_new);
+      gr[j] = i;
+      gr[H + j] = f;
+      gr[2 * H + j] = u;
+      gr[3 * H + j] = o;
+      c_out[r * H + j] = c_new;
+      h_out[r * H + j] = h_new;
+      relu_out[r * H + j] = h_new > T(0) ? h_new : T(0);
+    }
+  }
+}
+
+// Gate gradients of one cell from the gradients reaching its outputs: grad_h (+ the
+// gradient of ReLU(h_new) from the cell above, if any) and grad_c.
+template <typename T>
+void cell_backward(int64_t rows, int64_t H, const T* grad_h, const T* grad_c, const T* grad_relu,
+                   const T* h_new, const T* c_new, const T* c_prev, const T* gates, T* grad_gates,
+                   T* grad_c_prev) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gr = gates + r * 4 * H;
+    T* dg = grad_gates + r * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t e = r * H + j;
+      T dh = grad_h[e];
+      if (grad_relu != nullptr && h_new[e] > T(0)) dh += grad_relu[e];
+      const T i = gr[j], f = gr[H + j], u = gr[2 * H + j], o = gr[3 * H + j];
+      const T tc = std::tanh(c_new[e]);
+      const T dc = grad_c[e] + dh * o * (T(1) - tc * tc);
+      dg[j] = dc * u * i * (T(1) - i);
+      dg[H + j] = dc * c_prev[e] * f * (T(1) - f);
+      dg[2 * H + j] = dc * i * (T(1) - u * u);
+      dg[3 * H + j] = dh * tc * o * (T(1) - o);
+      grad_c_prev[e] = dc * f;
+    }
+  }
+}
+
+// out[q] = sum over rows of m[r, q] (m row-major [rows, cols]).
+template <typename T>
+void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
+  std::fill_n(out, cols, T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < cols; ++q) out[q] += m[r * cols + q];
+  }
+}
+
+template <typename T>
+void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* w, const T* g, const T* a_row,
+             const T* a_shared, const T* lstm, const T* h, const T* c, T* h_new, T* c_new, T* gates) {
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1, R = starts.back();
+  const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
+                S = L.num_scales();
+  std::vector<T> scales(G * S), bias0(G * G4);
+  parallel_tasks(G, [&](int64_t t) {
+    T* s = scales.data() + t * S;
+    inverse_rms(L, t, starts[t], starts[t + 1], w, g, a_row, a_shared, s);
+    // Cell 0's bias plus its shared-input term: one mat-vec per tensor, not per row.
+    const T* w_ih = lstm + t * P + L.w_ih(0);
+    const T* b = lstm + t * P + L.bias(0);
+    for (int64_t q = 0; q < G4; ++q) {
+      T acc = b[q];
+      for (int64_t d = 0; d < L.Ds; ++d) acc += w_ih[q * D + Dr + d] * (a_shared[t * L.Ds + d] * s[L.scale_shared()]);
+      bias0[t * G4 + q] = acc;
+    }
+  });
+  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  parallel_tasks(static_cast<int64_t>(blocks.size()), [&](int64_t index) {
+    const RowBlock blk = blocks[index];
+    const int64_t rows = blk.end - blk.begin;
+    const T* net = lstm + blk.tensor * P;
+    const T* s = scales.data() + blk.tensor * S;
+    auto x0 = scratch<T>(rows * Dr);  // cell 0's row-varying input [w, g, a_row], each block scaled
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = blk.begin + r;
+      T* xr = x0.get() + r * Dr;
+      for (int64_t k = 0; k < K; ++k) xr[k] = w[row * K + k] * s[L.scale_w()];
+      for (int64_t k = 0; k < K; ++k) xr[K + k] = g[row * K + k] * s[L.scale_g()];
+      for (int64_t j = 0; j < L.Ar; ++j) xr[2 * K + j] = a_row[row * L.Ar + j] * s[L.scale_a(j)];
+    }
+    auto x = scratch<T>(rows * H);  // ReLU(h_new) of the cell below
+    for (int cell = 0; cell < kNumCells; ++cell) {
+      const int64_t at = cell * R + blk.begin;
+      T* pre = gates + at * G4;
+      if (cell == 0) {
+        gemm<T>(false, true, rows, G4, Dr, 1, x0.get(), Dr, net + L.w_ih(0), D, 0, pre, G4);
+      } else {
+        gemm<T>(false, true, rows, G4, H, 1, x.get(), H, net + L.w_ih(cell), H, 0, pre, G4);
+      }
+      gemm<T>(false, true, rows, G4, H, 1, h + at * H, H, net + L.w_hh(cell), H, 1, pre, G4);
+      const T* bias = cell == 0 ? bias0.data() + blk.tensor * G4 : net + L.bias(cell);
+      cell_forward(rows, H, bias, c + at * H, pre, h_new + at * H, c_new + at * H, x.get());
+    }
+  });
+}
+
+template <typename T>
+void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* grad_h, const T* grad_c,
+              const T* w, const T* g, const T* a_row, const T* a_shared, const T* lstm, const T* h, const T* c,
+              const T* h_new, const T* c_new, const T* gates, T* grad_w, T* grad_lstm, T* grad_h_in,
+              T* grad_c_in) {
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1, R = starts.back();
+  const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
+                S = L.num_scales();
+  const std::vector<T> scales = all_inverse_rms(L, starts, w, g, a_row, a_shared);
+  auto grad_gates = scratch<T>(kNumCells * R * G4);
+  T* dgates = grad_gates.get();
+
+  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  parallel_tasks(static_cast<int64_t>(blocks.size()), [&](int64_t index) {
+    const RowBlock blk = blocks[index];
+    const int64_t rows = blk.end - blk.begin;
+    const T* net = lstm + blk.tensor * P;
+    auto grad_relu = scratch<T>(rows * H);  // gradient of the cell above w.r.t. its input ReLU(h_new)
+    for (int cell = kNumCells - 1; cell >= 0; --cell) {
+      const int64_t at = cell * R + blk.begin;
+      cell_backward(rows, H, grad_h + at * H, grad_c + at * H, cell + 1 < kNumCells ? grad_relu.get() : nullptr,
+                    h_new + at * H, c_new + at * H, c + at * H, gates + at * G4, dgates + at * G4,
+                    grad_c_in + at * H);
+      gemm<T>(false, false, rows, H, G4, 1, dgates + at * G4, G4, net + L.w_hh(cell), H, 0, grad_h_in + at * H, H);
+      if (cell > 0) {
+        gemm<T>(false, false, rows, H, G4, 1, dgates + at * G4, G4, net + L.w_ih(cell), H, 0, grad_relu.get(), H);
+      } else {
+        // Only w of cell 0's input needs a gradient (g and the activations are constants).
+        gemm<T>(false, false, rows, K, G4, scales[blk.tensor * S + L.scale_w()], dgates + at * G4, G4,
+                net + L.w_ih(0), D, 0, grad_w + blk.begin * K, K);
+      }
+    }
+  });
+
+  // Weight gradients: per tensor, cells 2 and 1, then cell 0 split into its w columns
+  // and the rest, so that the tasks of a conv group are of similar size.
+  constexpr int kParts = 4;
+  parallel_tasks(G * kParts, [&](int64_t index) {
+    const int64_t t = index / kParts, part = index % kParts;
+    const int64_t r0 = starts[t], rows = starts[t + 1] - r0;
+    const T* s = scales.data() + t * S;
+    T* grad_net = grad_lstm + t * P;
+    auto dg = [&](int cell) { return dgates + (cell * R + r0) * G4; };
+    if (part < 2) {
+      const int cell = kNumCells - 1 - static_cast<int>(part);
+      auto x = scratch<T>(rows * H);  // this cell's input, ReLU(h_new) of the cell below
+      const T* below = h_new + ((cell - 1) * R + r0) * H;
+      for (int64_t e = 0; e < rows * H; ++e) x[e] = below[e] > T(0) ? below[e] : T(0);
+      gemm<T>(true, false, G4, H, rows, 1, dg(cell), G4, x.get(), H, 0, grad_net + L.w_ih(cell), H);
+      gemm<T>(true, false, G4, H, rows, 1, dg(cell), G4, h + (cell * R + r0) * H, H, 0, grad_net + L.w_hh(cell), H);
+      column_sums(dg(cell), rows, G4, grad_net + L.bias(cell));
+    } else if (part == 2) {
+      gemm<T>(true, false, G4, K, rows, s[L.scale_w()], dg(0), G4, w + r0 * K, K, 0, grad_net + L.w_ih(0), D);
+    } else {
+      T* grad_w_ih = grad_net + L.w_ih(0);
+      T* grad_bias = grad_net + L.bias(0);
+      gemm<T>(true, false, G4, K, rows, s[L.scale_g()], dg(0), G4, g + r0 * K, K, 0, grad_w_ih + K, D);
+      std::vector<T> acc(G4);
+      for (int64_t j = 0; j < L.Ar; ++j) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          const T a = a_row[(r0 + r) * L.Ar + j] * s[L.scale_a(j)];
+          for (int64_t q = 0; q < G4; ++q) acc[q] += dg(0)[r * G4 + q] * a;
+        }
+        for (int64_t q = 0; q < G4; ++q) grad_w_ih[q * D + 2 * K + j] = acc[q];
+      }
+      column_sums(dg(0), rows, G4, grad_bias);
+      // The shared input entered through the bias: its weights' gradient is an outer product.
+      for (int64_t q = 0; q < G4; ++q) {
+        for (int64_t d = 0; d < L.Ds; ++d) {
+          grad_w_ih[q * D + Dr + d] = grad_bias[q] * (a_shared[t * L.Ds + d] * s[L.scale_shared()]);
+        }
+      }
+      gemm<T>(true, false, G4, H, rows, 1, dg(0), G4, h + r0 * H, H, 0, grad_net + L.w_hh(0), H);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_lstm_cpu(const at::Tensor& w, const at::Tensor& g,
+                                                             const at::Tensor& a_row, const at::Tensor& a_shared,
+                                                             const at::Tensor& lstm, at::IntArrayRef rows,
+                                                             const at::Tensor& h, const at::Tensor& c) {
+  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  const std::vector<int64_t> starts = row_starts(rows, lstm.size(0), w.size(0));
+  const at::Tensor wc = w.contiguous(), gc = g.contiguous(), ac = a_row.contiguous(), sc = a_shared.contiguous(),
+                   lc = lstm.contiguous(), hc = h.contiguous(), cc = c.contiguous();
+  at::Tensor h_new = new_buffer(h.sizes(), h.options());
+  at::Tensor c_new = new_buffer(h.sizes(), h.options());
+  at::Tensor gates = new_buffer({kNumCells, w.size(0), L.gates()}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm", [&] {
+    forward<scalar_t>(L, starts, wc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
+                      sc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
+                      cc.data_ptr<scalar_t>(), h_new.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(),
+                      gates.data_ptr<scalar_t>());
+  });
+  return {h_new, c_new, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cpu(
+    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& w, const at::Tensor& g,
+    const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
+    const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
+    const at::Tensor& gates) {
+  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  const std::vector<int64_t> starts = row_starts(rows, lstm.size(0), w.size(0));
+  for (auto [x, name] : {std::pair{&grad_h, "grad_h"}, {&grad_c, "grad_c"}, {&h_new, "h_new"}, {&c_new, "c_new"}}) {
+    check_float(*x, name, w);
+    check_shape(*x, name, h.sizes());
+  }
+  check_float(gates, "gates", w);
+  check_shape(gates, "gates", {kNumCells, w.size(0), L.gates()});
+  const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
+                   ac = a_row.contiguous(), sc = a_shared.contiguous(), lc = lstm.contiguous(),
+                   hc = h.contiguous(), cc = c.contiguous(), hn = h_new.contiguous(), cn = c_new.contiguous(),
+                   gt = gates.contiguous();
+  at::Tensor grad_w = new_buffer(w.sizes(), w.options());
+  at::Tensor grad_lstm = new_buffer(lstm.sizes(), lstm.options());
+  at::Tensor grad_h_in = new_buffer(h.sizes(), h.options());
+  at::Tensor grad_c_in = new_buffer(h.sizes(), h.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm_backward", [&] {
+    backward<scalar_t>(L, starts, dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                       gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+                       lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(),
+                       hn.data_ptr<scalar_t>(), cn.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(),
+                       grad_w.data_ptr<scalar_t>(), grad_lstm.data_ptr<scalar_t>(), grad_h_in.data_ptr<scalar_t>(),
+                       grad_c_in.data_ptr<scalar_t>());
+  });
+  return {grad_w, grad_lstm, grad_h_in, grad_c_in};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastl2r, CPU, m) {
+  m.impl("meta_lstm", &meta_lstm_cpu);
+  m.impl("meta_lstm_backward", &meta_lstm_backward_cpu);
+}
+
+}  // namespace fastl2r::cpu

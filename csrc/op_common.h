@@ -1,0 +1,91 @@
+// What the torch-facing side of every backend (CPU kernels, CUDA binding) shares:
+// argument checks, output allocation and the group's row offsets.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "layout.h"
+
+namespace fastl2r {
+
+// Test mode: FASTL2R_POISON_OUTPUTS=1 fills every output and scratch buffer with NaN
+// when it is allocated, so that an element a kernel forgets to write fails the tests.
+inline bool poison_outputs() {
+  const char* value = std::getenv("FASTL2R_POISON_OUTPUTS");
+  return value != nullptr && value[0] == '1';
+}
+
+inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor buffer = at::empty(sizes, options);
+  if (poison_outputs()) buffer.fill_(std::numeric_limits<double>::quiet_NaN());
+  return buffer;
+}
+
+inline void check_float(const at::Tensor& x, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fastl2r: ", name, " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), "fastl2r: ", name, " has dtype ", x.scalar_type(),
+              ", expected ", like.scalar_type());
+  TORCH_CHECK(x.device() == like.device(), "fastl2r: ", name, " is on ", x.device(), ", expected ",
+              like.device());
+}
+
+inline void check_shape(const at::Tensor& x, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(x.sizes() == expected, "fastl2r: ", name, " has shape ", x.sizes(), ", expected ", expected);
+}
+
+// Where each tensor's rows start in the group, then the total: [G + 1].
+inline std::vector<int64_t> row_starts(at::IntArrayRef rows, int64_t groups, int64_t total) {
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == groups, "fastl2r: rows has ", rows.size(),
+              " entries for ", groups, " tensors");
+  std::vector<int64_t> starts{0};
+  for (int64_t n : rows) {
+    TORCH_CHECK(n > 0, "fastl2r: every tensor needs at least one row, got rows ", rows);
+    starts.push_back(starts.back() + n);
+  }
+  TORCH_CHECK(starts.back() == total, "fastl2r: rows ", rows, " add up to ", starts.back(), ", not ", total);
+  return starts;
+}
+
+inline GroupLayout check_meta_lstm(const at::Tensor& w, const at::Tensor& g, const at::Tensor& a_row,
+                                   const at::Tensor& a_shared, const at::Tensor& lstm, const at::Tensor& h,
+                                   const at::Tensor& c) {
+  TORCH_CHECK(w.dim() == 2 && a_row.dim() == 2 && a_shared.dim() == 2 && lstm.dim() == 2 && h.dim() == 3,
+              "fastl2r.meta_lstm: expected w, a_row, a_shared, lstm 2-D and h 3-D");
+  const GroupLayout layout{w.size(1), a_row.size(1), a_shared.size(1), h.size(2)};
+  const int64_t R = w.size(0), G = lstm.size(0);
+  check_float(w, "w", w);
+  for (auto [x, name] : {std::pair{&g, "g"}, {&a_row, "a_row"}, {&a_shared, "a_shared"}, {&lstm, "lstm"},
+                         {&h, "h"}, {&c, "c"}}) {
+    check_float(*x, name, w);
+  }
+  check_shape(g, "g", w.sizes());
+  check_shape(a_row, "a_row", {R, layout.Ar});
+  check_shape(a_shared, "a_shared", {G, layout.Ds});
+  check_shape(lstm, "lstm", {G, layout.lstm_size()});
+  check_shape(h, "h", {kNumCells, R, layout.H});
+  check_shape(c, "c", {kNumCells, R, layout.H});
+  return layout;
+}
+
+inline GroupLayout check_gated_update(const at::Tensor& h3, const at::Tensor& head, const at::Tensor& w,
+                                      const at::Tensor& g) {
+  TORCH_CHECK(h3.dim() == 2 && head.dim() == 2 && w.dim() == 2,
+              "fastl2r.gated_update: expected h3, head and w 2-D");
+  const GroupLayout layout{w.size(1), 0, 0, h3.size(1)};
+  check_float(w, "w", w);
+  for (auto [x, name] : {std::pair{&g, "g"}, {&h3, "h3"}, {&head, "head"}}) check_float(*x, name, w);
+  check_shape(g, "g", w.sizes());
+  check_shape(h3, "h3", {w.size(0), layout.H});
+  check_shape(head, "head", {head.size(0), layout.head_size()});
+  return layout;
+}
+
+}  // namespace fastl2r
