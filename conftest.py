@@ -1,6 +1,15 @@
-"""Shared test configuration: markers, deterministic CPU threads."""
+"""Shared test configuration: markers, deterministic CPU threads, Triton's interpreter."""
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton's kernels run on CPU tensors in its interpreter, which
+# ``triton.jit`` chooses when each kernel is defined: so it is switched on here, before
+# any test imports fastl2r's kernels.  With a GPU it stays off and the same tests run
+# compiled on CUDA.  An explicit TRITON_INTERPRET in the environment is left as it is.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):

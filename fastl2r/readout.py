@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Task, to_float
+from .profiling import nvtx_range
 
 READOUT_STEPS = 500
 READOUT_LR = 0.1
@@ -80,12 +81,13 @@ class ReadoutSet:
     def evaluate(self, model: Callable[[torch.Tensor], torch.Tensor],
                  head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> ReadoutResult:
         """Readout accuracy of ``model``'s representation, and of ``head`` on it if given."""
-        train = representations(model, self.train_images, self._normalise)
-        test = representations(model, self.test_images, self._normalise)
-        readout = linear_readout(train, self.train_labels, test, self.test_labels, self.task.num_classes,
-                                 steps=self.steps, lr=self.lr, seed=self.seed)
-        original = None
-        if head is not None:
-            with torch.no_grad():
-                original = accuracy(head(test), self.test_labels)
+        with nvtx_range("readout"):
+            train = representations(model, self.train_images, self._normalise)
+            test = representations(model, self.test_images, self._normalise)
+            readout = linear_readout(train, self.train_labels, test, self.test_labels, self.task.num_classes,
+                                     steps=self.steps, lr=self.lr, seed=self.seed)
+            original = None
+            if head is not None:
+                with torch.no_grad():
+                    original = accuracy(head(test), self.test_labels)
         return ReadoutResult(readout, original)

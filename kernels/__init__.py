@@ -3,22 +3,49 @@
 Each file holds the op's kernels, their launchers (which write into outputs the
 caller allocates, so tests can poison them) and its ``torch.library`` registration
 in the ``fastl2r_triton`` namespace, with fake kernels and autograd.  Only
-``fastl2r.ops`` imports this package (it imports Triton).  On a CPU, Triton runs in
-its interpreter: ``TRITON_INTERPRET=1`` must be set before the kernel files are
-imported.
+``fastl2r.ops`` imports this package (it imports Triton).
 
-This file holds what the op files share: exact ``sigmoid``/``tanh`` (Triton 3.6 has
-no ``tl.tanh`` and its libdevice path differs between versions), the tables that
-map row blocks to the tensors of a group, and layout offsets derived from
-``fastl2r.ops.layout`` (never restated here).
+On a CPU, Triton runs in its interpreter: ``TRITON_INTERPRET=1`` must be in the
+environment before this package is imported, because ``triton.jit`` chooses
+between compiling and interpreting when each kernel is defined.  ``INTERPRETED``
+records which it was.
+
+Arithmetic runs in float64 for float64 tensors and in float32 for every other
+dtype (``compute_dtype``), so each backend matches the reference at its dtype's
+precision.  This file holds what the op files share: exact ``sigmoid``/``tanh``
+(Triton 3.6 has no ``tl.tanh`` and its libdevice path differs between versions),
+the tables that map row blocks to the tensors of a group, output allocation, and
+layout offsets derived from ``fastl2r.ops.layout`` (never restated here).
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for tensors stored as ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def new_output(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised output or scratch buffer on ``like``'s device.  With
+    ``FASTL2R_POISON_OUTPUTS=1`` (tests; the C++ ops read it too) it is NaN-filled, so an
+    element a kernel forgets to write fails the comparison with the reference."""
+    out = torch.empty(tuple(shape), device=like.device, dtype=dtype or like.dtype)
+    if os.environ.get("FASTL2R_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out
+
 
 @triton.jit
 def sigmoid(x):
@@ -27,12 +54,14 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    """tanh to fp32 accuracy: ``(1 - e^{-2|x|}) / (1 + e^{-2|x|})``, its Taylor series near 0."""
+    """tanh to the precision of ``x``'s dtype (float32 or float64): ``(1 - e^{-2|x|}) / (1 + e^{-2|x|})``,
+    and its Taylor series below 0.1, where that quotient loses digits (relative error < 4e-15)."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     t = (1.0 - e) / (1.0 + e)
     a2 = a * a
-    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (
+        62.0 / 2835.0 + a2 * (-1382.0 / 155925.0))))))
     t = tl.where(a < 0.1, series, t)
     return tl.where(x < 0, -t, t)
 
@@ -42,8 +71,8 @@ _tables: dict[tuple, torch.Tensor] = {}
 
 def cached_table(name: str, key: tuple, build, device: torch.device, dtype: torch.dtype = torch.int32
                  ) -> torch.Tensor:
-    """A small constant int table on ``device``, built by ``build()`` once per (name, key):
-    the kernels' row-block and tile tables cost no upload per call."""
+    """A small constant table on ``device``, built by ``build()`` once per (name, key, dtype):
+    the kernels' row-block and tile tables (and the step size) cost no upload per call."""
     full_key = (name, key, torch.device(device), dtype)
     table = _tables.get(full_key)
     if table is None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cached_table
+from . import TL_DTYPES, cached_table, compute_dtype, new_output
 
 N_BLOCK = 16
 S_BLOCK = 64
@@ -34,8 +34,38 @@ C_BLOCK = 16
 # Columns of the per-tensor table.
 _META = ("N", "C", "S", "stride_n", "stride_c", "stride_s", "out_offset", "channels_last")
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float64: tl.float64}
+@triton.jit
+def _channel_major_mean(x, out, c0, N, S, stride_n, stride_c, stride_s, inv_count, ACC: tl.constexpr,
+                        N_BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The mean of channel ``c0``, summing ``[N_BLOCK, S_BLOCK]`` tiles (rows: runs of the channel)."""
+    n_range = tl.arange(0, N_BLOCK)
+    s_range = tl.arange(0, S_BLOCK)
+    acc = tl.zeros([N_BLOCK, S_BLOCK], dtype=ACC)
+    base = x + c0 * stride_c
+    for n0 in range(0, N, N_BLOCK):
+        n = n0 + n_range
+        for s0 in range(0, S, S_BLOCK):
+            s = s0 + s_range
+            mask = (n[:, None] < N) & (s[None, :] < S)
+            acc += tl.load(base + n[:, None] * stride_n + s[None, :] * stride_s, mask=mask, other=0.0).to(ACC)
+    tl.store(out + c0, tl.sum(tl.sum(acc, axis=1), axis=0) * inv_count)
+
+
+@triton.jit
+def _channels_last_mean(x, out, c0, N, C, S, stride_n, stride_c, stride_s, inv_count, ACC: tl.constexpr,
+                        S_BLOCK: tl.constexpr, C_BLOCK: tl.constexpr):
+    """The means of channels ``c0 .. c0 + C_BLOCK``, summing ``[S_BLOCK, C_BLOCK]`` tiles (rows: runs
+    of channels)."""
+    c = c0 + tl.arange(0, C_BLOCK)
+    s_range = tl.arange(0, S_BLOCK)
+    acc = tl.zeros([S_BLOCK, C_BLOCK], dtype=ACC)
+    for n in range(0, N):
+        base = x + n * stride_n
+        for s0 in range(0, S, S_BLOCK):
+            s = s0 + s_range
+            mask = (s[:, None] < S) & (c[None, :] < C)
+            acc += tl.load(base + s[:, None] * stride_s + c[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+    tl.store(out + c, tl.sum(acc, axis=0) * inv_count, mask=c < C)
 
 
 @triton.jit
@@ -57,30 +87,11 @@ def _channel_means_kernel(pointers, meta, items, out, DTYPE: tl.constexpr, ACC: 
     x = tl.load(pointers + tensor).to(tl.pointer_type(DTYPE))
     inv_count = 1.0 / (N * S).to(ACC)
     if channels_last == 0:
-        n_range = tl.arange(0, N_BLOCK)
-        s_range = tl.arange(0, S_BLOCK)
-        acc = tl.zeros([N_BLOCK, S_BLOCK], dtype=ACC)
-        base = x + c0 * stride_c
-        for n0 in range(0, N, N_BLOCK):
-            n = n0 + n_range
-            for s0 in range(0, S, S_BLOCK):
-                s = s0 + s_range
-                mask = (n[:, None] < N) & (s[None, :] < S)
-                acc += tl.load(base + n[:, None] * stride_n + s[None, :] * stride_s, mask=mask,
-                               other=0.0).to(ACC)
-        tl.store(out + out_offset + c0, tl.sum(tl.sum(acc, axis=1), axis=0) * inv_count)
+        _channel_major_mean(x, out + out_offset, c0, N, S, stride_n, stride_c, stride_s, inv_count, ACC,
+                            N_BLOCK, S_BLOCK)
     else:
-        c = c0 + tl.arange(0, C_BLOCK)
-        s_range = tl.arange(0, S_BLOCK)
-        acc = tl.zeros([S_BLOCK, C_BLOCK], dtype=ACC)
-        for n in range(0, N):
-            base = x + n * stride_n
-            for s0 in range(0, S, S_BLOCK):
-                s = s0 + s_range
-                mask = (s[:, None] < S) & (c[None, :] < C)
-                acc += tl.load(base + s[:, None] * stride_s + c[None, :] * stride_c, mask=mask,
-                               other=0.0).to(ACC)
-        tl.store(out + out_offset + c, tl.sum(acc, axis=0) * inv_count, mask=c < C)
+        _channels_last_mean(x, out + out_offset, c0, N, C, S, stride_n, stride_c, stride_s, inv_count, ACC,
+                            S_BLOCK, C_BLOCK)
 
 
 def _as_ncs(x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +145,8 @@ def launch_channel_means(activations: Sequence[torch.Tensor], out: torch.Tensor)
     if device.type != "cpu":
         pointers = pointers.to(device, non_blocking=True)
     _channel_means_kernel[(item_table.shape[0],)](
-        pointers, meta_table, item_table, out, DTYPE=_TL_DTYPES[views[0].dtype],
-        ACC=tl.float64 if views[0].dtype == torch.float64 else tl.float32, META_COLS=len(_META),
+        pointers, meta_table, item_table, out, DTYPE=TL_DTYPES[views[0].dtype],
+        ACC=TL_DTYPES[compute_dtype(views[0].dtype)], META_COLS=len(_META),
         N_BLOCK=N_BLOCK, S_BLOCK=S_BLOCK, C_BLOCK=C_BLOCK)
     return out
 
@@ -143,9 +154,7 @@ def launch_channel_means(activations: Sequence[torch.Tensor], out: torch.Tensor)
 @torch.library.custom_op("fastl2r_triton::channel_means", mutates_args=())
 def channel_means(activations: list[torch.Tensor]) -> torch.Tensor:
     """Per-channel means (over every dim but 1) of each activation, concatenated; no gradient."""
-    first = activations[0]
-    out = torch.empty(channel_count(activations), device=first.device, dtype=first.dtype)
-    return launch_channel_means(activations, out)
+    return launch_channel_means(activations, new_output((channel_count(activations),), activations[0]))
 
 
 @channel_means.register_fake

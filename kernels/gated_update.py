@@ -18,8 +18,8 @@ rather than store an ``[R, K]`` tensor in the forward.
    ``db_out = Σ_rows dpre`` summed over the tensor's rows, and ``ds`` from the per-row sums
    (no atomics: deterministic).
 
-The gradient of ``w`` is ``dw_new`` itself.  Arithmetic is fp32 (``tl.dot`` with
-``input_precision="ieee"``).
+The gradient of ``w`` is ``dw_new`` itself.  Arithmetic is in the compute dtype (float64 for
+float64 tensors, else float32; ``tl.dot`` with ``input_precision="ieee"``: no TF32).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import triton.language as tl
 
 from fastl2r.ops.layout import GroupDims, unpack_head
 
-from . import cached_table, next_pow2, row_blocks, row_offsets, tanh, view_offsets
+from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_blocks, row_offsets, tanh,
+               view_offsets)
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,10 @@ def default_blocks(device: torch.device) -> Blocks:
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _forward_kernel(h3, head, w, g, blocks, w_new, delta, lr,
+def _forward_kernel(h3, head, w, g, blocks, w_new, delta, step_size,
                     K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr,
-                    B_OUT: tl.constexpr, SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                    B_OUT: tl.constexpr, SCALE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                    BK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(blocks + 3 * pid)
     r0 = tl.load(blocks + 3 * pid + 1)
@@ -69,24 +71,25 @@ def _forward_kernel(h3, head, w, g, blocks, w_new, delta, lr,
     col_mask = cols < K
     params = head + t.to(tl.int64) * P
     x = tl.load(h3 + rows[:, None] * H + units[None, :], mask=row_mask[:, None] & unit_mask[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0).to(ACC)
     w_out = tl.load(params + cols[None, :] * H + units[:, None], mask=unit_mask[:, None] & col_mask[None, :],
-                    other=0.0).to(tl.float32)
-    pre = tl.dot(x, w_out, input_precision="ieee")
-    pre += tl.load(params + B_OUT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    d = tl.load(params + SCALE).to(tl.float32) * tanh(pre)
+                    other=0.0).to(ACC)
+    pre = tl.dot(x, w_out, input_precision="ieee", out_dtype=ACC)
+    pre += tl.load(params + B_OUT + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    d = tl.load(params + SCALE).to(ACC) * tanh(pre)
     offsets = rows[:, None] * K + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(delta + offsets, d, mask=mask)
-    step = d * tl.load(g + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(w_new + offsets, tl.load(w + offsets, mask=mask, other=0.0).to(tl.float32) - lr * step, mask=mask)
+    step = d * tl.load(g + offsets, mask=mask, other=0.0).to(ACC)
+    lr = tl.load(step_size)
+    tl.store(w_new + offsets, tl.load(w + offsets, mask=mask, other=0.0).to(ACC) - lr * step, mask=mask)
 
 
 @triton.jit
-def _backward_rows_kernel(h3, head, g, blocks, dw_new, ddelta, dpre, dh3, row_sums, lr,
+def _backward_rows_kernel(h3, head, g, blocks, dw_new, ddelta, dpre, dh3, row_sums, step_size,
                           K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr,
                           B_OUT: tl.constexpr, SCALE: tl.constexpr, HAS_DW: tl.constexpr,
-                          HAS_DDELTA: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                          HAS_DDELTA: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(blocks + 3 * pid)
     r0 = tl.load(blocks + 3 * pid + 1)
@@ -98,30 +101,31 @@ def _backward_rows_kernel(h3, head, g, blocks, dw_new, ddelta, dpre, dh3, row_su
     params = head + t.to(tl.int64) * P
     state = rows[:, None] * H + units[None, :]
     state_mask = row_mask[:, None] & unit_mask[None, :]
-    x = tl.load(h3 + state, mask=state_mask, other=0.0).to(tl.float32)
-    scale = tl.load(params + SCALE).to(tl.float32)
-    dx = tl.zeros([BR, HP], dtype=tl.float32)
-    row_sum = tl.zeros([BR], dtype=tl.float32)
+    x = tl.load(h3 + state, mask=state_mask, other=0.0).to(ACC)
+    scale = tl.load(params + SCALE).to(ACC)
+    lr = tl.load(step_size)
+    dx = tl.zeros([BR, HP], dtype=ACC)
+    row_sum = tl.zeros([BR], dtype=ACC)
     k_local = tl.arange(0, BK)
     for k0 in range(0, K, BK):
         cols = k0 + k_local
         col_mask = cols < K
         w_out = tl.load(params + cols[None, :] * H + units[:, None], mask=unit_mask[:, None] & col_mask[None, :],
-                        other=0.0).to(tl.float32)
-        pre = tl.dot(x, w_out, input_precision="ieee")
-        u = tanh(pre + tl.load(params + B_OUT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :])
+                        other=0.0).to(ACC)
+        pre = tl.dot(x, w_out, input_precision="ieee", out_dtype=ACC)
+        u = tanh(pre + tl.load(params + B_OUT + cols, mask=col_mask, other=0.0).to(ACC)[None, :])
         offsets = rows[:, None] * K + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
-        dd = tl.zeros([BR, BK], dtype=tl.float32)
+        dd = tl.zeros([BR, BK], dtype=ACC)
         if HAS_DDELTA:
-            dd += tl.load(ddelta + offsets, mask=mask, other=0.0).to(tl.float32)
+            dd += tl.load(ddelta + offsets, mask=mask, other=0.0).to(ACC)
         if HAS_DW:
-            dd -= lr * tl.load(dw_new + offsets, mask=mask, other=0.0).to(tl.float32) * tl.load(
-                g + offsets, mask=mask, other=0.0).to(tl.float32)
+            dd -= lr * tl.load(dw_new + offsets, mask=mask, other=0.0).to(ACC) * tl.load(
+                g + offsets, mask=mask, other=0.0).to(ACC)
         row_sum += tl.sum(dd * u, axis=1)
         dp = dd * scale * (1.0 - u * u)
         tl.store(dpre + offsets, dp, mask=mask)
-        dx = tl.dot(dp, tl.trans(w_out), dx, input_precision="ieee")
+        dx = tl.dot(dp, tl.trans(w_out), dx, input_precision="ieee", out_dtype=ACC)
     tl.store(dh3 + state, dx, mask=state_mask)
     tl.store(row_sums + rows, row_sum, mask=row_mask)
 
@@ -129,7 +133,8 @@ def _backward_rows_kernel(h3, head, g, blocks, dw_new, ddelta, dpre, dh3, row_su
 @triton.jit
 def _backward_weights_kernel(h3, dpre, row_sums, offsets, dhead,
                              K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr,
-                             B_OUT: tl.constexpr, SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                             B_OUT: tl.constexpr, SCALE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                             BK: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     col_mask = cols < K
@@ -138,21 +143,21 @@ def _backward_weights_kernel(h3, dpre, row_sums, offsets, dhead,
     r0 = tl.load(offsets + t)
     r1 = tl.load(offsets + t + 1)
     local = tl.arange(0, BR)
-    acc = tl.zeros([BK, HP], dtype=tl.float32)
-    bias = tl.zeros([BK], dtype=tl.float32)
+    acc = tl.zeros([BK, HP], dtype=ACC)
+    bias = tl.zeros([BK], dtype=ACC)
     for r in range(r0, r1, BR):
         rows = r + local
         row_mask = rows < r1
         dp = tl.load(dpre + rows[None, :] * K + cols[:, None], mask=col_mask[:, None] & row_mask[None, :], other=0.0)
         x = tl.load(h3 + rows[:, None] * H + units[None, :], mask=row_mask[:, None] & unit_mask[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(dp, x, acc, input_precision="ieee")
+                    other=0.0).to(ACC)
+        acc = tl.dot(dp, x, acc, input_precision="ieee", out_dtype=ACC)
         bias += tl.sum(dp, axis=1)
     params = dhead + t.to(tl.int64) * P
     tl.store(params + cols[:, None] * H + units[None, :], acc, mask=col_mask[:, None] & unit_mask[None, :])
     tl.store(params + B_OUT + cols, bias, mask=col_mask)
     if tl.program_id(1) == 0:
-        total = tl.zeros([BR], dtype=tl.float32)
+        total = tl.zeros([BR], dtype=ACC)
         for r in range(r0, r1, BR):
             rows = r + local
             total += tl.load(row_sums + rows, mask=rows < r1, other=0.0)
@@ -160,10 +165,17 @@ def _backward_weights_kernel(h3, dpre, row_sums, offsets, dhead,
 
 
 # -------------------------------------------------------------------------------------------- launchers
-def _constants(K: int, H: int) -> dict:
+def _constants(K: int, H: int, dtype: torch.dtype) -> dict:
     dims = GroupDims(K=K, Ar=0, Ds=0, H=H)
     _, b_out, scale = view_offsets(unpack_head(torch.empty(1, dims.head_size, device="meta"), dims))
-    return dict(K=K, H=H, HP=next_pow2(H, 16), P=dims.head_size, B_OUT=b_out, SCALE=scale)
+    return dict(K=K, H=H, HP=next_pow2(H, 16), P=dims.head_size, B_OUT=b_out, SCALE=scale,
+                ACC=TL_DTYPES[compute_dtype(dtype)])
+
+
+def _step_size(lr: float, like: torch.Tensor) -> torch.Tensor:
+    """``lr`` as a one-element tensor in the compute dtype: a Python float would reach the kernel
+    as float32, which float64 results cannot afford."""
+    return cached_table("step_size", (float(lr),), lambda: [float(lr)], like.device, compute_dtype(like.dtype))
 
 
 def launch_forward(h3, head, w, g, rows: Sequence[int], lr: float, w_new, delta,
@@ -174,22 +186,23 @@ def launch_forward(h3, head, w, g, rows: Sequence[int], lr: float, w_new, delta,
     K, H = w.shape[1], h3.shape[1]
     table = row_blocks(rows, bs.rows, w.device)
     _forward_kernel[(table.shape[0], triton.cdiv(K, bs.k))](
-        h3, head, w, g, table, w_new, delta, float(lr), BR=bs.rows, BK=bs.k, **_constants(K, H))
+        h3, head, w, g, table, w_new, delta, _step_size(lr, w), BR=bs.rows, BK=bs.k, **_constants(K, H, w.dtype))
 
 
 def launch_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch.Tensor], h3, head, g,
                     rows: Sequence[int], lr: float, dh3, dhead, dpre, row_sums,
                     blocks: Optional[Blocks] = None) -> None:
     """Write ``dh3 [R, H]`` and ``dhead [G, P_head]`` from the gradients of ``(w_new, δ)``
-    (``None`` = zero), through the scratch ``dpre [R, K]`` and ``row_sums [R]`` (all in full)."""
+    (``None`` = zero), through the scratch ``dpre [R, K]`` and ``row_sums [R]`` (compute dtype;
+    all written in full)."""
     h3, head, g = (t.contiguous() for t in (h3, head, g))
     bs = blocks or default_blocks(g.device)
     K, H = g.shape[1], h3.shape[1]
-    consts = _constants(K, H)
+    consts = _constants(K, H, g.dtype)
     table = row_blocks(rows, bs.rows, g.device)
     _backward_rows_kernel[(table.shape[0],)](
         h3, head, g, table, g if dw_new is None else dw_new.contiguous(),
-        g if ddelta is None else ddelta.contiguous(), dpre, dh3, row_sums, float(lr),
+        g if ddelta is None else ddelta.contiguous(), dpre, dh3, row_sums, _step_size(lr, g),
         HAS_DW=dw_new is not None, HAS_DDELTA=ddelta is not None, BR=bs.rows, BK=bs.k, **consts)
     _backward_weights_kernel[(head.shape[0], triton.cdiv(K, bs.k))](
         h3, dpre, row_sums, row_offsets(rows, g.device), dhead, BR=bs.rows, BK=bs.k, **consts)
@@ -200,7 +213,7 @@ def launch_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch.Tenso
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor, rows: list[int],
                  lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_new, δ)`` as the reference's ``gated_update``."""
-    w_new, delta = w.new_empty(w.shape), w.new_empty(w.shape)
+    w_new, delta = new_output(w.shape, w), new_output(w.shape, w)
     launch_forward(h3, head, w, g, rows, lr, w_new, delta)
     return w_new, delta
 
@@ -215,10 +228,10 @@ def gated_update_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch
                           head: torch.Tensor, g: torch.Tensor, rows: list[int], lr: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh3, dhead)`` from the gradients of ``gated_update``'s ``(w_new, δ)``."""
-    dh3, dhead = h3.new_empty(h3.shape), head.new_empty(head.shape)
-    launch_backward(dw_new, ddelta, h3, head, g, rows, lr, dh3, dhead,
-                    torch.empty(g.shape, device=g.device, dtype=torch.float32),
-                    torch.empty(g.shape[0], device=g.device, dtype=torch.float32))
+    dh3, dhead = new_output(h3.shape, h3), new_output(head.shape, head)
+    scratch = compute_dtype(g.dtype)
+    launch_backward(dw_new, ddelta, h3, head, g, rows, lr, dh3, dhead, new_output(g.shape, g, scratch),
+                    new_output(g.shape[:1], g, scratch))
     return dh3, dhead
 
 

@@ -10,8 +10,11 @@ Forward, two launches per group whatever the number of tensors in it:
    one tensor (``row_blocks``), so a program reads one meta-net's weights.  It builds
    the normalised features on the fly (no ``[R, D]`` feature matrix is ever written),
    multiplies them into the four gate accumulators in ``[BK, H]`` weight tiles, then
-   runs the three cells with the gates, cell update and ReLU fused, the hidden vectors
-   staying in registers between cells.
+   runs the three cells with the gates, cell update and ReLU fused.  Every cell input
+   (features, ReLU(h) of the cell below, the cell's own h) is consumed ``BK`` columns at
+   a time, read from memory: the block's new h, just written by the program's own
+   threads, is read back (after a barrier; from L1/L2) rather than kept whole in
+   registers, so no ``[H, H]`` weight tile is ever live (``compile_check``: no spills).
 
 Backward, two launches.  The forward saves the four gate activations of every cell
 (``gates [3, R, 4H]``, 12·H floats per row) instead of recomputing them: recomputing
@@ -21,15 +24,17 @@ state ``c_new`` is recomputed from the gates and ``c`` (three flops, no read).
 
 3. ``_backward_rows_kernel``, grid ``(row blocks,)``: cells 3 → 1 for a block of rows:
    the gradient of each cell's pre-activation gates (written to ``dgates [3, R, 4H]``),
-   of the incoming ``h`` and ``c`` and, through the features, of ``w``.
+   of the incoming ``h`` and ``c`` and, through the features, of ``w``; every input
+   gradient is produced ``BK`` columns at a time, and the one passed down to the cell
+   below goes through memory (``dh`` of that cell, after a barrier) like the forward's h.
 4. ``_backward_weights_kernel``, grid ``(G, 4H / Blocks.gates, column tiles)``: every
    parameter gradient as ``dgates_kᵀ · X`` summed over the tensor's rows, where X is
    the features (cell 1), ReLU(h) of the cell below, the incoming h, or ones (bias),
    per a cached tile table built from ``fastl2r.ops.layout``; no atomics, so it is
    deterministic.
 
-All arithmetic is fp32 (``tl.dot`` with ``input_precision="ieee"``, no TF32),
-whatever the storage dtype.
+All arithmetic is in the compute dtype (float64 for float64 tensors, else float32;
+``tl.dot`` with ``input_precision="ieee"``: no TF32), and so are the saved gates and scales.
 """
 from __future__ import annotations
 
@@ -43,17 +48,23 @@ import triton.language as tl
 from fastl2r.ops.layout import NUM_CELLS, GroupDims, unpack_lstm
 from fastl2r.ops.reference import RMS_EPS
 
-from . import cached_table, next_pow2, row_blocks, row_offsets, sigmoid, tanh, view_offsets
+from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_blocks, row_offsets, sigmoid,
+               tanh, view_offsets)
 
 REDUCE_BLOCK = 1024  # elements per step of the prologue's sums of squares
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """Block sizes; any choice computes the same function (every edge is masked)."""
+    """Block sizes; any choice computes the same function (every edge is masked).
+
+    The GPU's are chosen by register use on sm_90 (``python -m fastl2r.kernels.compile_check``):
+    with ``k = 16`` no kernel spills for any resnet32_gn group (``k = 32`` spills up to 1.6 KB
+    per thread where K < 32 or H = 32), at 4 warps.
+    """
 
     rows: int = 16      # rows per program of the row kernels (tl.dot needs >= 16)
-    k: int = 32         # feature columns per step of cell 1's input product and of dw
+    k: int = 16         # input columns per step of every cell-input product, of dh and of dw
     gates: int = 64     # gate rows per program of the weight-gradient kernel
     columns: int = 32   # parameter columns per program of the weight-gradient kernel
 
@@ -72,30 +83,44 @@ FEATURES, STATE, RELU_OUTPUT, ONES = (tl.constexpr(kind) for kind in range(4))
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _accumulate_gates(acc_i, acc_f, acc_g, acc_o, x, tile, mask, gate_stride):
-    """``acc_q += x · W_q`` for the gates i, f, g, o, where ``tile`` points at gate i's (transposed)
-    weights and each next gate's are ``gate_stride`` further."""
-    acc_i = tl.dot(x, tl.load(tile, mask=mask, other=0.0).to(tl.float32), acc_i, input_precision="ieee")
-    acc_f = tl.dot(x, tl.load(tile + gate_stride, mask=mask, other=0.0).to(tl.float32), acc_f,
-                   input_precision="ieee")
-    acc_g = tl.dot(x, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(tl.float32), acc_g,
-                   input_precision="ieee")
-    acc_o = tl.dot(x, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(tl.float32), acc_o,
-                   input_precision="ieee")
+def _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, source, source_stride, scale, weights, weight_stride,
+                       gate_stride, n_in, rows, row_mask, units, unit_mask, RELU: tl.constexpr, BK: tl.constexpr):
+    """``acc_q += X · W_qᵀ`` for the gates i, f, g, o over ``n_in`` input columns, ``BK`` at a time:
+    ``X = scale · source[rows, :n_in]`` (row stride ``source_stride``; ReLU'd if ``RELU``) and ``W_q``
+    the ``[unit, input]`` weights at ``weights`` (row stride ``weight_stride``; each next gate's
+    ``gate_stride`` further).  Only ``[BK, H]`` weight tiles are ever held in registers."""
+    k_local = tl.arange(0, BK)
+    for k0 in range(0, n_in, BK):
+        cols = k0 + k_local
+        col_mask = cols < n_in
+        x = tl.load(source + rows[:, None] * source_stride + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(acc_i.dtype) * scale
+        if RELU:
+            x = tl.maximum(x, 0.0)
+        tile = weights + units[None, :] * weight_stride + cols[:, None]
+        mask = col_mask[:, None] & unit_mask[None, :]
+        acc_i = tl.dot(x, tl.load(tile, mask=mask, other=0.0).to(x.dtype), acc_i, input_precision="ieee",
+                       out_dtype=x.dtype)
+        acc_f = tl.dot(x, tl.load(tile + gate_stride, mask=mask, other=0.0).to(x.dtype), acc_f,
+                       input_precision="ieee", out_dtype=x.dtype)
+        acc_g = tl.dot(x, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(x.dtype), acc_g,
+                       input_precision="ieee", out_dtype=x.dtype)
+        acc_o = tl.dot(x, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(x.dtype), acc_o,
+                       input_precision="ieee", out_dtype=x.dtype)
     return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
 def _finish_cell(acc_i, acc_f, acc_g, acc_o, bias, c, h_out, c_out, gates, rows, row_mask, units, unit_mask,
                  H: tl.constexpr):
-    """Gate nonlinearities, cell update, stores of (h, c, gates); returns ReLU(h_new)."""
-    i = sigmoid(acc_i + tl.load(bias + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :])
-    f = sigmoid(acc_f + tl.load(bias + H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :])
-    gg = tanh(acc_g + tl.load(bias + 2 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :])
-    o = sigmoid(acc_o + tl.load(bias + 3 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :])
+    """Gate nonlinearities, cell update, stores of (h, c, gates)."""
+    i = sigmoid(acc_i + tl.load(bias + units, mask=unit_mask, other=0.0).to(acc_i.dtype)[None, :])
+    f = sigmoid(acc_f + tl.load(bias + H + units, mask=unit_mask, other=0.0).to(acc_i.dtype)[None, :])
+    gg = tanh(acc_g + tl.load(bias + 2 * H + units, mask=unit_mask, other=0.0).to(acc_i.dtype)[None, :])
+    o = sigmoid(acc_o + tl.load(bias + 3 * H + units, mask=unit_mask, other=0.0).to(acc_i.dtype)[None, :])
     state = rows[:, None] * H + units[None, :]
     mask = row_mask[:, None] & unit_mask[None, :]
-    c_new = f * tl.load(c + state, mask=mask, other=0.0).to(tl.float32) + i * gg
+    c_new = f * tl.load(c + state, mask=mask, other=0.0).to(acc_i.dtype) + i * gg
     h_new = o * tanh(c_new)
     tl.store(h_out + state, h_new, mask=mask)
     tl.store(c_out + state, c_new, mask=mask)
@@ -104,30 +129,29 @@ def _finish_cell(acc_i, acc_f, acc_g, acc_o, bias, c, h_out, c_out, gates, rows,
     tl.store(gate + H, f, mask=mask)
     tl.store(gate + 2 * H, gg, mask=mask)
     tl.store(gate + 3 * H, o, mask=mask)
-    return tl.maximum(h_new, 0.0)
 
 
 @triton.jit
 def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
                      K: tl.constexpr, AR: tl.constexpr, DS: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                      P: tl.constexpr, NS: tl.constexpr, B1: tl.constexpr, EPS: tl.constexpr,
-                     AR_P: tl.constexpr, DS_P: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
-                     GATE_BLOCK: tl.constexpr):
+                     AR_P: tl.constexpr, DS_P: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     BR: tl.constexpr, GATE_BLOCK: tl.constexpr):
     t = tl.program_id(0)
     r0 = tl.load(offsets + t)
     r1 = tl.load(offsets + t + 1)
     n = (r1 - r0) * K
     idx = tl.arange(0, BLOCK)
-    sum_w = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_w = tl.zeros([BLOCK], dtype=ACC)
+    sum_g = tl.zeros([BLOCK], dtype=ACC)
     for i0 in range(0, n, BLOCK):
         i = i0 + idx
         m = i < n
-        xw = tl.load(w + r0 * K + i, mask=m, other=0.0).to(tl.float32)
-        xg = tl.load(g + r0 * K + i, mask=m, other=0.0).to(tl.float32)
+        xw = tl.load(w + r0 * K + i, mask=m, other=0.0).to(ACC)
+        xg = tl.load(g + r0 * K + i, mask=m, other=0.0).to(ACC)
         sum_w += xw * xw
         sum_g += xg * xg
-    count = n.to(tl.float32)
+    count = n.to(ACC)
     scale = scales + t * NS
     tl.store(scale, 1.0 / (tl.sqrt(tl.sum(sum_w, axis=0) / count) + EPS))
     tl.store(scale + 1, 1.0 / (tl.sqrt(tl.sum(sum_g, axis=0) / count) + EPS))
@@ -135,13 +159,13 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
     cols = tl.arange(0, AR_P)
     col_mask = cols < AR
     local = tl.arange(0, BR)
-    sum_a = tl.zeros([BR, AR_P], dtype=tl.float32)
+    sum_a = tl.zeros([BR, AR_P], dtype=ACC)
     for r in range(r0, r1, BR):
         rows = r + local
         m = (rows < r1)[:, None] & col_mask[None, :]
-        xa = tl.load(a_row + rows[:, None] * AR + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xa = tl.load(a_row + rows[:, None] * AR + cols[None, :], mask=m, other=0.0).to(ACC)
         sum_a += xa * xa
-    rms_a = tl.sqrt(tl.sum(sum_a, axis=0) / (r1 - r0).to(tl.float32))
+    rms_a = tl.sqrt(tl.sum(sum_a, axis=0) / (r1 - r0).to(ACC))
     tl.store(scale + 2 + cols, 1.0 / (rms_a + EPS), mask=col_mask)
 
     params = lstm + t.to(tl.int64) * P
@@ -149,7 +173,7 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
     if DS > 0:
         ds = tl.arange(0, DS_P)
         ds_mask = ds < DS
-        shared = tl.load(a_shared + t * DS + ds, mask=ds_mask, other=0.0).to(tl.float32)
+        shared = tl.load(a_shared + t * DS + ds, mask=ds_mask, other=0.0).to(ACC)
         inv_s = 1.0 / (tl.sqrt(tl.sum(shared * shared, axis=0) / DS) + EPS)
         tl.store(scale + 2 + AR, inv_s)
         shared = shared * inv_s
@@ -157,8 +181,8 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
             q = q0 + gate_rows
             qm = q < 4 * H
             w_shared = tl.load(params + q[:, None] * D + (D - DS) + ds[None, :],
-                               mask=qm[:, None] & ds_mask[None, :], other=0.0).to(tl.float32)
-            b = tl.load(params + B1 + q, mask=qm, other=0.0).to(tl.float32)
+                               mask=qm[:, None] & ds_mask[None, :], other=0.0).to(ACC)
+            b = tl.load(params + B1 + q, mask=qm, other=0.0).to(ACC)
             tl.store(bias1 + t * (4 * H) + q, b + tl.sum(w_shared * shared[None, :], axis=1), mask=qm)
     else:
         tl.store(scale + 2 + AR, 0.0)
@@ -173,7 +197,7 @@ def _forward_kernel(w, g, a_row, lstm, bias1, scales, blocks, h, c, h_out, c_out
                     K: tl.constexpr, AR: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
                     P: tl.constexpr, NS: tl.constexpr, HH1: tl.constexpr, IH2: tl.constexpr,
                     HH2: tl.constexpr, B2: tl.constexpr, IH3: tl.constexpr, HH3: tl.constexpr,
-                    B3: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                    B3: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(blocks + 3 * pid)
     r0 = tl.load(blocks + 3 * pid + 1)
@@ -188,91 +212,95 @@ def _forward_kernel(w, g, a_row, lstm, bias1, scales, blocks, h, c, h_out, c_out
     inv_g = tl.load(scale + 1)
 
     # Cell 1: features [w, g, a_row] · W_ih1ᵀ (the shared block is in bias1), then h · W_hh1ᵀ.
-    acc_i = tl.zeros([BR, HP], dtype=tl.float32)
-    acc_f = tl.zeros([BR, HP], dtype=tl.float32)
-    acc_g = tl.zeros([BR, HP], dtype=tl.float32)
-    acc_o = tl.zeros([BR, HP], dtype=tl.float32)
-    k_local = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        cols = k0 + k_local
-        col_mask = cols < K
-        m = row_mask[:, None] & col_mask[None, :]
-        offsets = rows[:, None] * K + cols[None, :]
-        tile = params + units[None, :] * D + cols[:, None]
-        tile_mask = col_mask[:, None] & unit_mask[None, :]
-        x = tl.load(w + offsets, mask=m, other=0.0).to(tl.float32) * inv_w
-        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(acc_i, acc_f, acc_g, acc_o, x, tile, tile_mask, H * D)
-        x = tl.load(g + offsets, mask=m, other=0.0).to(tl.float32) * inv_g
-        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(acc_i, acc_f, acc_g, acc_o, x, tile + K, tile_mask, H * D)
+    acc_i = tl.zeros([BR, HP], dtype=ACC)
+    acc_f = tl.zeros([BR, HP], dtype=ACC)
+    acc_g = tl.zeros([BR, HP], dtype=ACC)
+    acc_o = tl.zeros([BR, HP], dtype=ACC)
+    acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, w, K, inv_w, params, D, H * D, K,
+                                                    rows, row_mask, units, unit_mask, False, BK)
+    acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, g, K, inv_g, params + K, D, H * D,
+                                                    K, rows, row_mask, units, unit_mask, False, BK)
     for j in tl.static_range(AR):
-        xa = tl.load(a_row + rows * AR + j, mask=row_mask, other=0.0).to(tl.float32) * tl.load(scale + 2 + j)
+        xa = tl.load(a_row + rows * AR + j, mask=row_mask, other=0.0).to(ACC) * tl.load(scale + 2 + j)
         column = params + 2 * K + j + units * D
-        acc_i += xa[:, None] * tl.load(column, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-        acc_f += xa[:, None] * tl.load(column + H * D, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-        acc_g += xa[:, None] * tl.load(column + 2 * H * D, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-        acc_o += xa[:, None] * tl.load(column + 3 * H * D, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-    state = rows[:, None] * H + units[None, :]
-    state_mask = row_mask[:, None] & unit_mask[None, :]
-    # W[q·H + out, in]ᵀ of an [4H, H] matrix as an [in, out] tile.
-    hidden = units[None, :] * H + units[:, None]
-    hidden_mask = unit_mask[:, None] & unit_mask[None, :]
-    h_prev = tl.load(h + state, mask=state_mask, other=0.0).to(tl.float32)
-    acc_i, acc_f, acc_g, acc_o = _accumulate_gates(acc_i, acc_f, acc_g, acc_o, h_prev, params + HH1 + hidden,
-                                                   hidden_mask, H * H)
-    x = _finish_cell(acc_i, acc_f, acc_g, acc_o, bias1 + t * (4 * H), c, h_out, c_out, gates, rows, row_mask,
-                     units, unit_mask, H)
+        acc_i += xa[:, None] * tl.load(column, mask=unit_mask, other=0.0).to(ACC)[None, :]
+        acc_f += xa[:, None] * tl.load(column + H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
+        acc_g += xa[:, None] * tl.load(column + 2 * H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
+        acc_o += xa[:, None] * tl.load(column + 3 * H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
+    acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, h, H, 1.0, params + HH1, H, H * H,
+                                                    H, rows, row_mask, units, unit_mask, False, BK)
+    _finish_cell(acc_i, acc_f, acc_g, acc_o, bias1 + t * (4 * H), c, h_out, c_out, gates, rows, row_mask, units,
+                 unit_mask, H)
 
-    # Cells 2 and 3: ReLU(h_new) of the cell below, then the cell's own h.
+    # Cells 2 and 3: ReLU(h_new) of the cell below, read back from h_out where this program's
+    # threads have just written it (hence the barrier), then the cell's own h.
     for cell in tl.static_range(1, 3):
         if cell == 1:
             ih, hh, b = IH2, HH2, B2
         else:
             ih, hh, b = IH3, HH3, B3
-        acc_i = tl.zeros([BR, HP], dtype=tl.float32)
-        acc_f = tl.zeros([BR, HP], dtype=tl.float32)
-        acc_g = tl.zeros([BR, HP], dtype=tl.float32)
-        acc_o = tl.zeros([BR, HP], dtype=tl.float32)
-        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(acc_i, acc_f, acc_g, acc_o, x, params + ih + hidden,
-                                                       hidden_mask, H * H)
-        h_prev = tl.load(h + cell * R * H + state, mask=state_mask, other=0.0).to(tl.float32)
-        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(acc_i, acc_f, acc_g, acc_o, h_prev, params + hh + hidden,
-                                                       hidden_mask, H * H)
-        x = _finish_cell(acc_i, acc_f, acc_g, acc_o, params + b, c + cell * R * H, h_out + cell * R * H,
-                         c_out + cell * R * H, gates + cell * R * 4 * H, rows, row_mask, units, unit_mask, H)
+        tl.debug_barrier()
+        acc_i = tl.zeros([BR, HP], dtype=ACC)
+        acc_f = tl.zeros([BR, HP], dtype=ACC)
+        acc_g = tl.zeros([BR, HP], dtype=ACC)
+        acc_o = tl.zeros([BR, HP], dtype=ACC)
+        acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, h_out + (cell - 1) * R * H, H,
+                                                        1.0, params + ih, H, H * H, H, rows, row_mask, units,
+                                                        unit_mask, True, BK)
+        acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, h + cell * R * H, H, 1.0,
+                                                        params + hh, H, H * H, H, rows, row_mask, units, unit_mask,
+                                                        False, BK)
+        _finish_cell(acc_i, acc_f, acc_g, acc_o, params + b, c + cell * R * H, h_out + cell * R * H,
+                     c_out + cell * R * H, gates + cell * R * 4 * H, rows, row_mask, units, unit_mask, H)
 
 
 @triton.jit
-def _input_grad(d_i, d_f, d_g, d_o, tile, mask, gate_stride):
-    """``Σ_q d_q · W_q``: the gradient of a cell input from its pre-activation gates, where ``tile``
-    points at gate i's weights ``[unit, input]`` and each next gate's are ``gate_stride`` further."""
-    acc = tl.dot(d_i, tl.load(tile, mask=mask, other=0.0).to(tl.float32), input_precision="ieee")
-    acc = tl.dot(d_f, tl.load(tile + gate_stride, mask=mask, other=0.0).to(tl.float32), acc,
-                 input_precision="ieee")
-    acc = tl.dot(d_g, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(tl.float32), acc,
-                 input_precision="ieee")
-    acc = tl.dot(d_o, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(tl.float32), acc,
-                 input_precision="ieee")
-    return acc
+def _store_input_grad(d_i, d_f, d_g, d_o, weights, weight_stride, gate_stride, n_in, out, out_stride, scale,
+                      relu_input, rows, row_mask, units, unit_mask, RELU: tl.constexpr, BK: tl.constexpr):
+    """Store ``scale · Σ_q d_q · W_q``, the gradient of a cell input from the gradients of its
+    pre-activation gates, to ``out[rows, :n_in]`` (row stride ``out_stride``), ``BK`` columns at a
+    time; ``W_q`` is the ``[unit, input]`` weights at ``weights`` (row stride ``weight_stride``; each
+    next gate's ``gate_stride`` further).  With ``RELU`` the input was ReLU(``relu_input``): zero where
+    that is not positive.  Only ``[H, BK]`` weight tiles are ever held in registers."""
+    k_local = tl.arange(0, BK)
+    for k0 in range(0, n_in, BK):
+        cols = k0 + k_local
+        col_mask = cols < n_in
+        tile = weights + units[:, None] * weight_stride + cols[None, :]
+        mask = unit_mask[:, None] & col_mask[None, :]
+        acc = tl.dot(d_i, tl.load(tile, mask=mask, other=0.0).to(d_i.dtype), input_precision="ieee",
+                     out_dtype=d_i.dtype)
+        acc = tl.dot(d_f, tl.load(tile + gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
+                     input_precision="ieee", out_dtype=d_i.dtype)
+        acc = tl.dot(d_g, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
+                     input_precision="ieee", out_dtype=d_i.dtype)
+        acc = tl.dot(d_o, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
+                     input_precision="ieee", out_dtype=d_i.dtype)
+        offsets = rows[:, None] * out_stride + cols[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if RELU:
+            acc = tl.where(tl.load(relu_input + offsets, mask=out_mask, other=0.0) > 0, acc, 0.0)
+        tl.store(out + offsets, acc * scale, mask=out_mask)
 
 
 @triton.jit
-def _cell_backward(dh, dh_out, dc_out, c, gates, dgates, dh_in, dc_in, w_hh, state, mask, rows, units,
-                   hidden_mask, H: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr):
-    """One cell's backward for a row block; ``dh`` is what reaches its h_new from the cell above,
-    ``w_hh`` points at its ``[unit, input]`` hidden weights.  Stores the gradients of its gates and
-    of its incoming (h, c); returns the gate gradients."""
+def _cell_backward(dh, dh_out, dc_out, c, gates, dgates, dc_in, state, mask, rows, units,
+                   H: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr):
+    """One cell's backward for a row block, to the gradients of its gates; ``dh`` is what reaches
+    its h_new from the cell above.  Stores the gradients of its gates and incoming c; returns the
+    gate gradients."""
     if HAS_DH:
-        dh += tl.load(dh_out + state, mask=mask, other=0.0).to(tl.float32)
+        dh += tl.load(dh_out + state, mask=mask, other=0.0).to(dh.dtype)
     gate = gates + rows[:, None] * (4 * H) + units[None, :]
     i = tl.load(gate, mask=mask, other=0.0)
     f = tl.load(gate + H, mask=mask, other=0.0)
     gg = tl.load(gate + 2 * H, mask=mask, other=0.0)
     o = tl.load(gate + 3 * H, mask=mask, other=0.0)
-    c_prev = tl.load(c + state, mask=mask, other=0.0).to(tl.float32)
+    c_prev = tl.load(c + state, mask=mask, other=0.0).to(dh.dtype)
     tanh_c = tanh(f * c_prev + i * gg)
     dc = dh * o * (1.0 - tanh_c * tanh_c)
     if HAS_DC:
-        dc += tl.load(dc_out + state, mask=mask, other=0.0).to(tl.float32)
+        dc += tl.load(dc_out + state, mask=mask, other=0.0).to(dh.dtype)
     d_i = dc * gg * i * (1.0 - i)
     d_f = dc * c_prev * f * (1.0 - f)
     d_g = dc * i * (1.0 - gg * gg)
@@ -283,7 +311,6 @@ def _cell_backward(dh, dh_out, dc_out, c, gates, dgates, dh_in, dc_in, w_hh, sta
     tl.store(dgate + H, d_f, mask=mask)
     tl.store(dgate + 2 * H, d_g, mask=mask)
     tl.store(dgate + 3 * H, d_o, mask=mask)
-    tl.store(dh_in + state, _input_grad(d_i, d_f, d_g, d_o, w_hh, hidden_mask, H * H), mask=mask)
     return d_i, d_f, d_g, d_o
 
 
@@ -292,7 +319,8 @@ def _backward_rows_kernel(dh_out, dc_out, lstm, scales, blocks, c, h_out, gates,
                           K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
                           P: tl.constexpr, NS: tl.constexpr, HH1: tl.constexpr, IH2: tl.constexpr,
                           HH2: tl.constexpr, IH3: tl.constexpr, HH3: tl.constexpr,
-                          HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                          HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
+                          BK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(blocks + 3 * pid)
     r0 = tl.load(blocks + 3 * pid + 1)
@@ -304,40 +332,48 @@ def _backward_rows_kernel(dh_out, dc_out, lstm, scales, blocks, c, h_out, gates,
     params = lstm + t.to(tl.int64) * P
     state = rows[:, None] * H + units[None, :]
     state_mask = row_mask[:, None] & unit_mask[None, :]
-    # W[q·H + unit, in] of an [4H, H] matrix as a [unit, in] tile.
-    hidden = units[:, None] * H + units[None, :]
-    hidden_mask = unit_mask[:, None] & unit_mask[None, :]
 
-    dh = tl.zeros([BR, HP], dtype=tl.float32)
-    for step in tl.static_range(2):
+    # Cells 3 -> 1, a runtime loop (one cell's code, not three).  The gradient that reaches a
+    # cell's h_new from the cell above travels through dh_in of that cell (whose final value, the
+    # gradient of the incoming h, is written after it is read), written and read back by this
+    # program's threads: hence the barriers.
+    for step in range(3):
         cell = 2 - step
-        if cell == 2:
-            ih, hh = IH3, HH3
-        else:
-            ih, hh = IH2, HH2
+        from_above = (tl.zeros([BR, HP], dtype=tl.int32) + cell) < 2  # nothing above the top cell
+        dh = tl.load(dh_in + cell * R * H + state, mask=state_mask & from_above, other=0.0).to(ACC)
+        tl.debug_barrier()
         d_i, d_f, d_g, d_o = _cell_backward(dh, dh_out + cell * R * H, dc_out + cell * R * H, c + cell * R * H,
                                             gates + cell * R * 4 * H, dgates + cell * R * 4 * H,
-                                            dh_in + cell * R * H, dc_in + cell * R * H, params + hh + hidden,
-                                            state, state_mask, rows, units, hidden_mask, H, HAS_DH, HAS_DC)
-        dx = _input_grad(d_i, d_f, d_g, d_o, params + ih + hidden, hidden_mask, H * H)
-        below = tl.load(h_out + (cell - 1) * R * H + state, mask=state_mask, other=0.0)
-        dh = tl.where(below > 0, dx, 0.0)
-    d_i, d_f, d_g, d_o = _cell_backward(dh, dh_out, dc_out, c, gates, dgates, dh_in, dc_in, params + HH1 + hidden,
-                                        state, state_mask, rows, units, hidden_mask, H, HAS_DH, HAS_DC)
-    inv_w = tl.load(scales + t * NS)
-    k_local = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        cols = k0 + k_local
-        col_mask = cols < K
-        dx = _input_grad(d_i, d_f, d_g, d_o, params + units[:, None] * D + cols[None, :],
-                         unit_mask[:, None] & col_mask[None, :], H * D)
-        tl.store(dw + rows[:, None] * K + cols[None, :], dx * inv_w, mask=row_mask[:, None] & col_mask[None, :])
+                                            dc_in + cell * R * H, state, state_mask, rows, units, H, HAS_DH,
+                                            HAS_DC)
+        hh = tl.where(cell == 0, HH1, HH2 + (cell - 1) * (HH3 - HH2))
+        _store_input_grad(d_i, d_f, d_g, d_o, params + hh, H, H * H, H, dh_in + cell * R * H, H, 1.0, dh_in, rows,
+                          row_mask, units, unit_mask, False, BK)
+        if cell > 0:
+            _store_input_grad(d_i, d_f, d_g, d_o, params + IH2 + (cell - 1) * (IH3 - IH2), H, H * H, H,
+                              dh_in + (cell - 1) * R * H, H, 1.0, h_out + (cell - 1) * R * H, rows, row_mask, units,
+                              unit_mask, True, BK)
+            tl.debug_barrier()
+        else:
+            # Through the features to w (W_ih1's first K columns; the RMS scale is a constant).
+            inv_w = tl.load(scales + t * NS)
+            if K < BK:  # a few columns (GroupNorm: one): one reduction each, no mostly-masked tile
+                for k in tl.static_range(K):
+                    column = params + units * D + k
+                    dw_k = (d_i * tl.load(column, mask=unit_mask, other=0.0).to(ACC)[None, :]
+                            + d_f * tl.load(column + H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
+                            + d_g * tl.load(column + 2 * H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
+                            + d_o * tl.load(column + 3 * H * D, mask=unit_mask, other=0.0).to(ACC)[None, :])
+                    tl.store(dw + rows * K + k, tl.sum(dw_k, axis=1) * inv_w, mask=row_mask)
+            else:
+                _store_input_grad(d_i, d_f, d_g, d_o, params, D, H * D, K, dw, K, inv_w, dw, rows, row_mask, units,
+                                  unit_mask, False, BK)
 
 
 @triton.jit
 def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, offsets, tiles, dlstm, R,
                              K: tl.constexpr, AR: tl.constexpr, DS: tl.constexpr, H: tl.constexpr,
-                             D: tl.constexpr, P: tl.constexpr, NS: tl.constexpr,
+                             D: tl.constexpr, P: tl.constexpr, NS: tl.constexpr, ACC: tl.constexpr,
                              BG: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
     t = tl.program_id(0)
     q = tl.program_id(1) * BG + tl.arange(0, BG)
@@ -353,7 +389,7 @@ def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, of
     col_mask = cols < n_cols
     local = tl.arange(0, BR)
     grad = dgates + cell * R * 4 * H
-    acc = tl.zeros([BG, BC], dtype=tl.float32)
+    acc = tl.zeros([BG, BC], dtype=ACC)
     if kind == FEATURES:
         scale = scales + t * NS
         is_w = cols < K
@@ -363,20 +399,20 @@ def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, of
         inv = tl.where(is_w, tl.load(scale), tl.load(scale + 1))
         inv = tl.where(is_a, tl.load(scale + 2 + cols - 2 * K, mask=is_a, other=0.0), inv)
         inv = tl.where(is_s, tl.load(scale + 2 + AR), inv)
-        shared = tl.load(a_shared + t * DS + cols - (D - DS), mask=is_s, other=0.0).to(tl.float32)
+        shared = tl.load(a_shared + t * DS + cols - (D - DS), mask=is_s, other=0.0).to(ACC)
         for r in range(r0, r1, BR):
             rows = r + local
             row_mask = rows < r1
             dgt = tl.load(grad + rows[None, :] * (4 * H) + q[:, None], mask=q_mask[:, None] & row_mask[None, :],
                           other=0.0)
             rm = row_mask[:, None]
-            x = tl.load(w + rows[:, None] * K + cols[None, :], mask=rm & is_w[None, :], other=0.0).to(tl.float32)
+            x = tl.load(w + rows[:, None] * K + cols[None, :], mask=rm & is_w[None, :], other=0.0).to(ACC)
             x += tl.load(g + rows[:, None] * K + cols[None, :] - K, mask=rm & is_g[None, :],
-                         other=0.0).to(tl.float32)
+                         other=0.0).to(ACC)
             x += tl.load(a_row + rows[:, None] * AR + cols[None, :] - 2 * K, mask=rm & is_a[None, :],
-                         other=0.0).to(tl.float32)
+                         other=0.0).to(ACC)
             x += tl.where(rm, shared[None, :], 0.0)
-            acc = tl.dot(dgt, x * inv[None, :], acc, input_precision="ieee")
+            acc = tl.dot(dgt, x * inv[None, :], acc, input_precision="ieee", out_dtype=ACC)
     elif kind == ONES:
         for r in range(r0, r1, BR):
             rows = r + local
@@ -393,10 +429,10 @@ def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, of
             dgt = tl.load(grad + rows[None, :] * (4 * H) + q[:, None], mask=q_mask[:, None] & row_mask[None, :],
                           other=0.0)
             x = tl.load(source + rows[:, None] * H + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0).to(ACC)
             if kind == RELU_OUTPUT:
                 x = tl.maximum(x, 0.0)
-            acc = tl.dot(dgt, x, acc, input_precision="ieee")
+            acc = tl.dot(dgt, x, acc, input_precision="ieee", out_dtype=ACC)
     tl.store(out + q[:, None] * n_cols + cols[None, :], acc, mask=q_mask[:, None] & col_mask[None, :])
 
 
@@ -425,10 +461,12 @@ def scale_count(dims: GroupDims) -> int:
     return 3 + dims.Ar
 
 
-def _constants(dims: GroupDims) -> dict:
-    (_, hh1, _), (ih2, hh2, b2), (ih3, hh3, b3) = _cell_offsets(dims)
+def _constants(dims: GroupDims, dtype: torch.dtype) -> dict:
+    (ih1, hh1, _), (ih2, hh2, b2), (ih3, hh3, b3) = _cell_offsets(dims)
+    assert ih1 == 0, "the kernels read W_ih1 at the start of a tensor's lstm row"
     return dict(K=dims.K, H=dims.H, HP=next_pow2(dims.H, 16), D=dims.D, P=dims.lstm_size,
-                NS=scale_count(dims), HH1=hh1, IH2=ih2, HH2=hh2, IH3=ih3, HH3=hh3)
+                NS=scale_count(dims), HH1=hh1, IH2=ih2, HH2=hh2, IH3=ih3, HH3=hh3,
+                ACC=TL_DTYPES[compute_dtype(dtype)])
 
 
 def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -443,20 +481,20 @@ def _present(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 def launch_forward(w, g, a_row, a_shared, lstm, rows: Sequence[int], h, c,
                    h_out, c_out, gates, scales, bias1, blocks: Optional[Blocks] = None) -> None:
     """Run the forward into ``h_out, c_out [3, R, H]``, ``gates [3, R, 4H]``, ``scales [G, 3 + Ar]``,
-    and the scratch ``bias1 [G, 4H]`` (all written in full)."""
+    and the scratch ``bias1 [G, 4H]`` (the last three in the compute dtype; all written in full)."""
     w, g, a_row, a_shared, lstm, h, c = _contiguous(w, g, a_row, a_shared, lstm, h, c)
     dims = GroupDims.of(w, a_row, a_shared, h)
     bs = blocks or default_blocks(w.device)
-    consts = _constants(dims)
+    consts = _constants(dims, w.dtype)
     G, R = lstm.shape[0], w.shape[0]
     table = row_blocks(rows, bs.rows, w.device)
     _prologue_kernel[(G,)](
-        w, g, a_row, _present(a_shared, scales), lstm, row_offsets(rows, w.device), scales, bias1,
-        K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
+        w, g, _present(a_row, scales), _present(a_shared, scales), lstm, row_offsets(rows, w.device), scales,
+        bias1, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
         B1=_cell_offsets(dims)[0][2], EPS=RMS_EPS, AR_P=next_pow2(dims.Ar), DS_P=next_pow2(dims.Ds),
-        BLOCK=REDUCE_BLOCK, BR=bs.rows, GATE_BLOCK=bs.gates)
+        ACC=consts["ACC"], BLOCK=REDUCE_BLOCK, BR=bs.rows, GATE_BLOCK=bs.gates)
     _forward_kernel[(table.shape[0],)](
-        w, g, a_row, lstm, bias1, scales, table, h, c, h_out, c_out, gates, R, AR=dims.Ar,
+        w, g, _present(a_row, scales), lstm, bias1, scales, table, h, c, h_out, c_out, gates, R, AR=dims.Ar,
         B2=_cell_offsets(dims)[1][2], B3=_cell_offsets(dims)[2][2], BR=bs.rows, BK=bs.k, **consts)
 
 
@@ -464,12 +502,12 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
                     lstm, rows: Sequence[int], h, c, h_out, gates, scales,
                     dw, dlstm, dh, dc, dgates, blocks: Optional[Blocks] = None) -> None:
     """Gradients ``dw [R, K]``, ``dlstm [G, P]``, ``dh, dc [3, R, H]`` from those of the outputs
-    (``None`` = zero), through the scratch ``dgates [3, R, 4H]`` (all written in full)."""
+    (``None`` = zero), through the scratch ``dgates [3, R, 4H]`` (compute dtype; all written in full)."""
     w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales = _contiguous(
         w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales)
     dims = GroupDims.of(w, a_row, a_shared, h)
     bs = blocks or default_blocks(w.device)
-    consts = _constants(dims)
+    consts = _constants(dims, w.dtype)
     G, R = lstm.shape[0], w.shape[0]
     table = row_blocks(rows, bs.rows, w.device)
     _backward_rows_kernel[(table.shape[0],)](
@@ -478,36 +516,32 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
         HAS_DH=dh_out is not None, HAS_DC=dc_out is not None, BR=bs.rows, BK=bs.k, **consts)
     tiles = _weight_tiles(dims, bs.columns, w.device)
     _backward_weights_kernel[(G, triton.cdiv(4 * dims.H, bs.gates), tiles.shape[0])](
-        dgates, w, g, a_row, _present(a_shared, scales), h, h_out, scales, row_offsets(rows, w.device), tiles,
-        dlstm, R, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
-        BG=bs.gates, BC=bs.columns, BR=bs.rows)
+        dgates, w, g, _present(a_row, scales), _present(a_shared, scales), h, h_out, scales,
+        row_offsets(rows, w.device), tiles, dlstm, R, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D,
+        P=dims.lstm_size, NS=consts["NS"], ACC=consts["ACC"], BG=bs.gates, BC=bs.columns, BR=bs.rows)
 
 
 # ------------------------------------------------------------------------------------- torch.library
-def _float32(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return torch.empty(shape, device=like.device, dtype=torch.float32)
-
-
 @torch.library.custom_op("fastl2r_triton::meta_lstm", mutates_args=())
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, lstm: torch.Tensor,
               rows: list[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h_new, c_new, gates, scales)``: the reference's ``meta_lstm`` plus what its backward reads."""
     dims = GroupDims.of(w, a_row, a_shared, h)
-    G, R = lstm.shape[0], w.shape[0]
-    h_out, c_out = h.new_empty(h.shape), c.new_empty(c.shape)
-    gates, scales = _float32(w, NUM_CELLS, R, 4 * dims.H), _float32(w, G, scale_count(dims))
+    G, R, acc = lstm.shape[0], w.shape[0], compute_dtype(w.dtype)
+    h_out, c_out = new_output(h.shape, h), new_output(c.shape, c)
+    gates, scales = new_output((NUM_CELLS, R, 4 * dims.H), w, acc), new_output((G, scale_count(dims)), w, acc)
     launch_forward(w, g, a_row, a_shared, lstm, rows, h, c, h_out, c_out, gates, scales,
-                   _float32(w, G, 4 * dims.H))
+                   new_output((G, 4 * dims.H), w, acc))
     return h_out, c_out, gates, scales
 
 
 @meta_lstm.register_fake
 def _(w, g, a_row, a_shared, lstm, rows, h, c):
     dims = GroupDims.of(w, a_row, a_shared, h)
-    G, R = lstm.shape[0], w.shape[0]
-    return (h.new_empty(h.shape), c.new_empty(c.shape), w.new_empty(NUM_CELLS, R, 4 * dims.H, dtype=torch.float32),
-            w.new_empty(G, scale_count(dims), dtype=torch.float32))
+    G, R, acc = lstm.shape[0], w.shape[0], compute_dtype(w.dtype)
+    return (h.new_empty(h.shape), c.new_empty(c.shape), w.new_empty(NUM_CELLS, R, 4 * dims.H, dtype=acc),
+            w.new_empty(G, scale_count(dims), dtype=acc))
 
 
 @torch.library.custom_op("fastl2r_triton::meta_lstm_backward", mutates_args=())
@@ -517,9 +551,10 @@ def meta_lstm_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Te
                        gates: torch.Tensor, scales: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dw, dlstm, dh, dc)`` from the gradients of ``meta_lstm``'s ``(h_new, c_new)``."""
-    dw, dlstm, dh, dc = w.new_empty(w.shape), lstm.new_empty(lstm.shape), h.new_empty(h.shape), c.new_empty(c.shape)
+    dw, dlstm, dh, dc = new_output(w.shape, w), new_output(lstm.shape, lstm), new_output(h.shape, h), new_output(
+        c.shape, c)
     launch_backward(dh_out, dc_out, w, g, a_row, a_shared, lstm, rows, h, c, h_out, gates, scales,
-                    dw, dlstm, dh, dc, torch.empty_like(gates))
+                    dw, dlstm, dh, dc, new_output(gates.shape, gates))
     return dw, dlstm, dh, dc
 
 
@@ -532,6 +567,7 @@ def _setup_context(ctx, inputs, output):
     w, g, a_row, a_shared, lstm, rows, h, c = inputs
     h_out, _, gates, scales = output
     ctx.rows = rows
+    ctx.mark_non_differentiable(gates, scales)
     ctx.save_for_backward(w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..models.taps import ActivationTaps, is_head
+from ..profiling import nvtx_range
 from .metalearner import MetaLearner, MetaState, Theta
 
 
@@ -58,18 +59,20 @@ class FunctionalStudent:
         and plain SGD the rest.  Returns the new meta state, the δ per group and the loss."""
         leaves = [f.detach().requires_grad_() for f in self.flats]
         plain_leaves = {n: t.detach().requires_grad_() for n, t in self.plain.items()}
-        with torch.enable_grad():
-            with self.taps.record():
-                h = self.represent(x, leaves, plain_leaves)
-            loss = F.cross_entropy(self.logits(h, task, plain_leaves), y)
-            grads = torch.autograd.grad(loss, leaves + list(plain_leaves.values()), allow_unused=True)
-        means = self.taps.means()
-        self.taps.clear()
-        flat_grads = [g if g is not None else torch.zeros_like(f) for g, f in zip(grads, leaves)]
-        self.flats, state, deltas = self.meta.step(self.flats, flat_grads, means, state, theta)
-        for (name, value), g in zip(self.plain.items(), grads[len(leaves):]):
-            if g is not None:
-                self.plain[name] = value.detach() - lr * g
+        with nvtx_range("student_grad"):
+            with torch.enable_grad():
+                with self.taps.record():
+                    h = self.represent(x, leaves, plain_leaves)
+                loss = F.cross_entropy(self.logits(h, task, plain_leaves), y)
+                grads = torch.autograd.grad(loss, leaves + list(plain_leaves.values()), allow_unused=True)
+            means = self.taps.means()
+            self.taps.clear()
+        with nvtx_range("meta_update"):
+            flat_grads = [g if g is not None else torch.zeros_like(f) for g, f in zip(grads, leaves)]
+            self.flats, state, deltas = self.meta.step(self.flats, flat_grads, means, state, theta)
+            for (name, value), g in zip(self.plain.items(), grads[len(leaves):]):
+                if g is not None:
+                    self.plain[name] = value.detach() - lr * g
         return state, deltas, loss.detach()
 
     def truncate(self) -> None:

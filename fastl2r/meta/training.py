@@ -65,8 +65,8 @@ def inner_step(ep: EpisodeState, batch_a: Batch, batch_b: Batch, *, lr: float, l
     with nvtx_range("teacher_step"), torch.enable_grad():
         teacher_loss = multitask_loss(ep.teacher.heads, ep.teacher(both.x), both.y, both.task)
         sgd_step(ep.teacher, teacher_loss, lr)
-    with nvtx_range("student_grad"):
-        ep.state, _, _ = ep.student.learn(batch_b.x, batch_b.y, ep.task_index, ep.state, lr, theta)
+    # student.learn opens the student_grad and meta_update ranges
+    ep.state, _, _ = ep.student.learn(batch_b.x, batch_b.y, ep.task_index, ep.state, lr, theta)
     with nvtx_range("meta_loss"):
         with torch.no_grad():
             h = ep.teacher(both.x)

@@ -4,11 +4,13 @@ Adding a backend means adding one entry to ``BACKENDS`` (and its own files).
 ``FASTL2R_BACKEND`` (or ``use_backend``) forces one: if it cannot run, that is an
 error naming why.  Otherwise the first available backend of ``AUTO_ORDER`` for the
 tensor's device wins, and an unavailable one is skipped with one warning line.
+
+Backends are loaded by ``import`` statements, not ``importlib``, so that
+``torch.compile(fullgraph=True)`` can trace the first op call too (Dynamo runs an
+``import`` while tracing but refuses ``importlib``).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import threading
 import warnings
@@ -27,7 +29,7 @@ class BackendError(RuntimeError):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    module: str                                   # provides channel_means, meta_lstm, gated_update
+    load: Callable[[], ModuleType]                # the module with channel_means, meta_lstm, gated_update
     devices: tuple[str, ...]                      # device types it can run on
     unavailable: Callable[[str], Optional[str]]   # device type -> why it cannot run, or None
 
@@ -36,11 +38,34 @@ def _always(device_type: str) -> Optional[str]:
     return None
 
 
-def _compiled(module: str) -> Callable[[str], Optional[str]]:
+def _load_reference() -> ModuleType:
+    from . import reference
+    return reference
+
+
+def _load_triton() -> ModuleType:
+    from . import triton_backend
+    return triton_backend
+
+
+def _load_compiled() -> ModuleType:
+    from . import cpp_backend
+    return cpp_backend
+
+
+def _import_c() -> None:
+    from .. import _C  # noqa: F401
+
+
+def _import_c_cuda() -> None:
+    from .. import _C_cuda  # noqa: F401
+
+
+def _compiled(module: str, load_extension: Callable[[], None]) -> Callable[[str], Optional[str]]:
     """A backend whose kernels live in the compiled extension ``module`` (csrc/)."""
     def unavailable(device_type: str) -> Optional[str]:
         try:
-            importlib.import_module(module)
+            load_extension()
         except (ImportError, OSError) as exc:
             first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
             return (f"its extension {module} is not built or does not load ({first_line}); "
@@ -50,21 +75,30 @@ def _compiled(module: str) -> Callable[[str], Optional[str]]:
 
 
 def _triton(device_type: str) -> Optional[str]:
-    """Triton compiles for CUDA GPUs; on the CPU it runs only in its interpreter (for tests)."""
-    if importlib.util.find_spec("triton") is None:
+    """Triton compiles for CUDA GPUs; on the CPU it runs only in its interpreter (for tests),
+    which ``triton.jit`` chooses when a kernel is defined: ``TRITON_INTERPRET=1`` must be set
+    before ``fastl2r.kernels`` is imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return "triton is not installed (`pip install triton`)"
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing fastl2r"
+        from .. import kernels
+        if not kernels.INTERPRETED:
+            return ("fastl2r's Triton kernels were imported before TRITON_INTERPRET=1 was set, so they were "
+                    "compiled for GPUs: set it before importing fastl2r")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is available"
     return None
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", "fastl2r.ops.reference", ("cpu", "cuda"), _always),
-    "triton": Backend("triton", "fastl2r.ops.triton_backend", ("cpu", "cuda"), _triton),
-    "cpp": Backend("cpp", "fastl2r.ops.cpp_backend", ("cpu",), _compiled("fastl2r._C")),
-    "cuda": Backend("cuda", "fastl2r.ops.cpp_backend", ("cuda",), _compiled("fastl2r._C_cuda")),
+    "reference": Backend("reference", _load_reference, ("cpu", "cuda"), _always),
+    "triton": Backend("triton", _load_triton, ("cpu", "cuda"), _triton),
+    "cpp": Backend("cpp", _load_compiled, ("cpu",), _compiled("fastl2r._C", _import_c)),
+    "cuda": Backend("cuda", _load_compiled, ("cuda",), _compiled("fastl2r._C_cuda", _import_c_cuda)),
 }
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -126,7 +160,7 @@ def _resolve(device_type: str) -> ModuleType:
     key = (requested_backend(), device_type)
     module = _cache.get(key)
     if module is None:
-        module = importlib.import_module(BACKENDS[backend_name(device_type)].module)
+        module = BACKENDS[backend_name(device_type)].load()
         _cache[key] = module
     return module
 

@@ -16,23 +16,18 @@ from fastl2r.kernels.channel_means import channel_means as _channel_means
 from fastl2r.kernels.gated_update import gated_update as _gated_update
 from fastl2r.kernels.meta_lstm import meta_lstm as _meta_lstm
 
-from ..profiling import nvtx_range
-
 
 def channel_means(activations: Sequence[torch.Tensor]) -> torch.Tensor:
-    with nvtx_range("channel_means"):
-        return _channel_means(list(activations))
+    return _channel_means(list(activations))
 
 
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor,
               lstm: torch.Tensor, rows: Sequence[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    with nvtx_range("meta_lstm"):
-        h_new, c_new, _, _ = _meta_lstm(w, g, a_row, a_shared, lstm, list(rows), h, c)
+    h_new, c_new, _, _ = _meta_lstm(w, g, a_row, a_shared, lstm, list(rows), h, c)
     return h_new, c_new
 
 
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                  rows: Sequence[int], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    with nvtx_range("gated_update"):
-        return _gated_update(h3, head, w, g, list(rows), float(lr))
+    return _gated_update(h3, head, w, g, list(rows), float(lr))
