@@ -1,0 +1,66 @@
+"""Operator dispatches of the meta-learner update (DESIGN §5), counted without a GPU.
+
+The fused path's count must not grow with the network's depth (one op call per group of
+meta-nets, whatever the number of layers); the reference, one meta-net at a time, grows
+with every layer.  Dispatch counts do not depend on tensor sizes, so tiny hidden sizes
+keep the reference quick without changing what is counted (and so does one thread: the
+reference's thousands of tiny ops pay for every OpenMP hand-off on a busy machine).
+"""
+import pytest
+import torch
+
+from benchmarks.dispatch_counts import ARCHS, DispatchCounter, count_update
+from benchmarks.harness import skip_reason
+from fastl2r.meta import MetaLearner, find_meta_tensors
+from fastl2r.models import ARCHITECTURES
+
+TINY = dict(conv_hidden=3, norm_hidden=2)
+FUSED = [pytest.param("cpp", "cpu", id="cpp"),
+         pytest.param("triton", "cuda", id="triton", marks=pytest.mark.cuda),
+         pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_counter_counts_each_operator_of_forward_and_backward():
+    x = torch.ones(3, requires_grad=True)
+    with DispatchCounter() as forward:
+        y = (x.view(3, 1) * 2).sum()
+    with DispatchCounter() as backward:
+        torch.autograd.grad(y, x)
+    assert forward.ops == {"aten.view": 1, "aten.mul": 1, "aten.sum": 1}
+    assert forward.views == {"aten.view"}
+    assert backward.total >= 2 and {"aten.mul", "aten.expand"} <= set(backward.ops)
+
+
+@pytest.fixture(scope="module")
+def reference_counts():
+    return {arch: count_update(arch, "reference", **TINY).total for arch in ARCHS}
+
+
+def test_reference_update_count_grows_with_depth(reference_counts):
+    counts = [reference_counts[a] for a in ARCHS]
+    nets = [len(find_meta_tensors(ARCHITECTURES[a]())[0]) for a in ARCHS]
+    assert counts == sorted(set(counts)), counts
+    # Mostly per meta-net: at least 50 dispatches (forward + backward) for each one added.
+    assert all((c2 - c1) >= 50 * (n2 - n1) for c1, c2, n1, n2 in zip(counts, counts[1:], nets, nets[1:])), counts
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_update_count_is_constant_in_depth(backend, device, reference_counts):
+    reason = skip_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    counts = {arch: count_update(arch, backend, device, **TINY) for arch in ARCHS}
+    totals = {arch: c.total for arch, c in counts.items()}
+    assert len(set(totals.values())) == 1, totals
+    for arch, c in counts.items():  # one meta_lstm and one gated_update per group of meta-nets
+        fused_calls = sum(n for name, n in c.forward.items() if name.startswith("fastl2r"))
+        assert fused_calls == 2 * len(MetaLearner(ARCHITECTURES[arch](), **TINY).groups), (arch, c.forward)
+    assert totals["resnet32_gn"] * 20 < reference_counts["resnet32_gn"], (totals, reference_counts)
