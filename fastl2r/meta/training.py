@@ -49,10 +49,9 @@ def sgd_step(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
     """Plain SGD (no momentum) of every parameter that received a gradient."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.sub_(lr * g)
+    stepped = [(p, g) for p, g in zip(params, grads) if g is not None]
+    with torch.no_grad():  # one fused multi-tensor op, however deep the network
+        torch._foreach_add_([p for p, _ in stepped], [g for _, g in stepped], alpha=-lr)
 
 
 def inner_step(ep: EpisodeState, batch_a: Batch, batch_b: Batch, *, lr: float, loss_scale: float,
@@ -220,7 +219,8 @@ class MetaTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward(retain_graph=True)
             grads = [p.grad for p in self.meta.parameters() if p.grad is not None]
-            if not all(torch.isfinite(g).all() for g in grads):
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            if not finite.item():  # one host read per step
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
             self.optimizer.step()
