@@ -77,13 +77,16 @@ for _suite in TASKS.values():
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "paper": {"pretrain_epochs": 40.0, "steps_per_task": 500, "steps_per_task_exp5": 300, "eval_every": 25,
               "readout_steps": 500, "readout_train": 0, "readout_test": 0, "episode_scale": 1.0,
-              "episode_steps_cap": 0, "checkpoints": 100, "runs": 5, "batch_size": 64},
+              "episode_steps_cap": 0, "checkpoints": 100, "runs": 5, "batch_size": 64,
+              "fisher_samples": 1000, "maml_iterations": 2000},
     "quick": {"pretrain_epochs": 2.0, "steps_per_task": 200, "steps_per_task_exp5": 120, "eval_every": 20,
               "readout_steps": 500, "readout_train": 1000, "readout_test": 1000, "episode_scale": 0.02,
-              "episode_steps_cap": 0, "checkpoints": 4, "runs": 5, "batch_size": 64},
+              "episode_steps_cap": 0, "checkpoints": 4, "runs": 5, "batch_size": 64,
+              "fisher_samples": 500, "maml_iterations": 200},
     "smoke": {"pretrain_epochs": 0.12, "steps_per_task": 20, "steps_per_task_exp5": 10, "eval_every": 10,
               "readout_steps": 100, "readout_train": 200, "readout_test": 200, "episode_scale": 0.0,
-              "episode_steps_cap": 6, "checkpoints": 2, "runs": 2, "batch_size": 32},
+              "episode_steps_cap": 6, "checkpoints": 2, "runs": 2, "batch_size": 32,
+              "fisher_samples": 64, "maml_iterations": 3},
 }
 SMOKE_EPISODES = 3
 
@@ -116,13 +119,34 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
                       "episode_steps": p["episode_steps_cap"] or steps, "meta_lr": 1e-3, "lr": 0.1,
                       "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if experiment == "exp3" else 1,
                       "save_every": 50},
-        "methods": {"ours": {"metalearner": ""}, "sgd": {"lr": 0.1}, "sgd_x0.1": {"lr": 0.01},
-                    "teacher": {"lr": 0.1}},
+        "methods": method_options(p),
     }
     for item in overrides:
         apply_override(config, item)
     validate(config)
     return config
+
+
+def method_options(p: dict) -> dict:
+    """Every method's hyperparameters (``methods`` of the configuration; ``--set ewc.lambda=10``).
+
+    The paper gives ``lr`` (0.1; 0.01 for SGD×0.1), LwF's α = 1.0, EWC's λ = 1.0 and HAT's
+    s_max = 3.0 and c = 0.75; LwF's temperature 2 is Li & Hoiem's, HAT's embedding clamp Serrà et
+    al.'s.  The rest are ours, chosen once on the meta-training split, never on meta-test: see
+    the docstrings of ``fastl2r.baselines.ewc``/``maml``/``rep``.
+    """
+    return {
+        "ours": {"metalearner": ""},
+        "sgd": {"lr": 0.1},
+        "sgd_x0.1": {"lr": 0.01},
+        "teacher": {"lr": 0.1},
+        "lwf": {"lr": 0.1, "alpha": 1.0, "temperature": 2.0},
+        "ewc": {"lr": 0.1, "lambda": 1.0, "fisher_samples": p["fisher_samples"]},
+        "hat": {"lr": 0.1, "s_max": 3.0, "c": 0.75, "embedding_clamp": 6.0},
+        "maml": {"lr": 0.1, "meta_iterations": p["maml_iterations"], "inner_steps": 10, "inner_lr": 0.1,
+                 "meta_lr": 1e-3, "batch_size": p["batch_size"]},
+        "rep": {"lr": 0.1, "epochs": p["pretrain_epochs"]},
+    }
 
 
 def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
@@ -140,15 +164,23 @@ def leaf_keys(config: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _key_parts(config: dict, key: str) -> list[str]:
+    """``key`` split at its dots, a method's name kept whole (``sgd_x0.1.lr``); a method's
+    options may omit ``methods.`` (``ewc.lambda`` = ``methods.ewc.lambda``)."""
+    body = key.removeprefix("methods.")
+    for name in config["methods"]:
+        if body.startswith(name + ".") and (body != key or name not in config):
+            return ["methods", name] + body[len(name) + 1:].split(".")
+    return key.split(".")
+
+
 def apply_override(config: dict, item: str) -> None:
     """Apply ``key.path=value`` (a method's options may omit ``methods.``); the value is parsed as
     JSON (else kept as a string) and must have the type of the value it replaces."""
     if "=" not in item:
         raise UserError(f"--set expects KEY=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if parts[0] in config["methods"] and parts[0] not in config:  # ``ewc.lambda`` = ``methods.ewc.lambda``
-        parts = ["methods"] + parts
+    parts = _key_parts(config, key.strip())
     node = config
     for part in parts[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
@@ -163,6 +195,7 @@ def apply_override(config: dict, item: str) -> None:
         value = raw
     if isinstance(old, bool) != isinstance(value, bool) or (
             isinstance(old, (int, float)) and not isinstance(value, (int, float))) or (
+            isinstance(old, int) and not isinstance(value, int)) or (
             isinstance(old, (str, list)) and type(value) is not type(old)):
         raise UserError(f"--set {key}: expected a value like {json.dumps(old)}, got {raw!r}")
     if isinstance(old, float) and isinstance(value, int):
@@ -175,9 +208,13 @@ def validate(config: dict) -> None:
     positive = ["runs", "pretrain.batch_size", "pretrain.lr", "metatest.steps_per_task", "metatest.batch_size",
                 "metatest.eval_every", "readout.steps", "readout.lr", "metatrain.episodes",
                 "metatrain.curriculum_every", "metatrain.episode_steps", "metatrain.meta_lr", "metatrain.lr",
-                "metatrain.batch_size", "metatrain.loss_scale", "metatrain.checkpoints", "metatrain.save_every"]
+                "metatrain.batch_size", "metatrain.loss_scale", "metatrain.checkpoints", "metatrain.save_every",
+                "methods.lwf.temperature", "methods.ewc.fisher_samples", "methods.hat.s_max",
+                "methods.hat.embedding_clamp", "methods.maml.meta_iterations", "methods.maml.inner_steps",
+                "methods.maml.batch_size", "methods.rep.epochs"]
     non_negative = ["seed", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
-                    "pretrain.warmup_fraction", "readout.max_train", "readout.max_test"]
+                    "pretrain.warmup_fraction", "readout.max_train", "readout.max_test",
+                    "methods.lwf.alpha", "methods.ewc.lambda", "methods.hat.c"]
     for key in positive + non_negative:
         value = get(config, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
@@ -192,6 +229,8 @@ def validate(config: dict) -> None:
         for k, v in method.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
                 raise UserError(f"methods.{name}.{k} must be finite, got {v!r}")
+            if k.endswith("lr") and isinstance(v, (int, float)) and v <= 0:  # every learning rate
+                raise UserError(f"methods.{name}.{k} must be a positive finite number, got {v!r}")
 
 
 def get(config: dict, key: str) -> Any:

@@ -26,6 +26,11 @@ METHODS: dict[str, str] = {
     "sgd": "fastl2r.baselines.sgd:SGD",
     "sgd_x0.1": "fastl2r.baselines.sgd:SGDx01",
     "teacher": "fastl2r.baselines.teacher:Teacher",
+    "lwf": "fastl2r.baselines.lwf:LwF",
+    "ewc": "fastl2r.baselines.ewc:EWC",
+    "hat": "fastl2r.baselines.hat:HAT",
+    "maml": "fastl2r.baselines.maml:MAML",
+    "rep": "fastl2r.baselines.rep:Rep",
 }
 
 

@@ -1,14 +1,16 @@
 """EWC (Kirkpatrick et al. 2017; DESIGN §1.6): the new task's cross-entropy plus
 ``(λ/2) Σ_i F_i (w_i − w*_i)²`` for every earlier task, ``F`` its diagonal Fisher information
-at ``w*``, the weights when that task ended.
+at ``w*``, the weights when that task ended.  λ = ``methods.ewc.lambda`` = 1.0, the paper's
+validated value.
 
 Normalisation of ``F``: the *mean* over ``N`` examples of the squared per-example gradient of the
 log-likelihood, ``F_i = (1/N) Σ_n (∂ log p(ŷ_n | x_n; w*) / ∂w_i)²`` with ``ŷ_n`` drawn from the
 model's predictive distribution ``p(· | x_n; w*)`` (the Fisher as Kirkpatrick et al. define it,
 not the "empirical" Fisher of the true labels), with no further rescaling.  ``N`` is
-``methods.ewc.fisher_samples`` training images of the task (un-augmented, drawn without
-replacement; all of them if the task has fewer).  ``F`` covers the parameters the task's
-log-likelihood depends on: the backbone and the task's own head.
+``methods.ewc.fisher_samples`` training images of the task (1000 in the paper preset, 500 in
+quick, 64 in smoke; un-augmented, drawn without replacement; all of them if the task has fewer).
+``F`` covers the parameters the task's log-likelihood depends on: the backbone and the task's own
+head.
 
 Task A's Fisher is computed once per experiment at ``w0`` (``prepare``); in Experiment 5 the
 Fisher of Task 2 is computed when Task 3 begins, on Task 2's data, with the network as it is then,
@@ -39,36 +41,42 @@ def likelihood_parameters(model: nn.Module, task_index: int) -> dict[str, torch.
             if not name.startswith("heads.") or name.startswith(own_head)}
 
 
-def fisher_diagonal(model: nn.Module, task_index: int, x: torch.Tensor, generator: torch.Generator,
+def sampled_labels(model: nn.Module, task_index: int, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per image drawn from the model's predictive distribution ``softmax(heads[task_index](h))``."""
+    with torch.no_grad():
+        probs = F.softmax(model.heads[task_index](model(x)), dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def fisher_diagonal(model: nn.Module, task_index: int, x: torch.Tensor, labels: torch.Tensor,
                     chunk_size: int = FISHER_CHUNK) -> dict[str, torch.Tensor]:
-    """Mean over the examples ``x`` of the squared per-example gradients of ``log p(ŷ | x)``,
-    ``ŷ`` sampled from the model (``generator``); head ``task_index`` gives the logits."""
+    """Mean over the examples ``x`` of the squared per-example gradients of ``log p(labels | x)``
+    (head ``task_index`` gives the logits), vectorised over ``chunk_size`` examples at a time."""
     params = likelihood_parameters(model, task_index)
-    weight, bias = params[f"heads.{task_index}.weight"], params[f"heads.{task_index}.bias"]
+    weight, bias = f"heads.{task_index}.weight", f"heads.{task_index}.bias"
 
     def log_likelihood(p: dict, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         h = functional_call(model, p, (image.unsqueeze(0),))
-        log_probs = F.log_softmax(F.linear(h, p[f"heads.{task_index}.weight"], p[f"heads.{task_index}.bias"]), 1)
+        log_probs = F.log_softmax(F.linear(h, p[weight], p[bias]), 1)
         return log_probs[0].gather(0, label.unsqueeze(0)).squeeze(0)
 
     per_example = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    for chunk in x.split(chunk_size):
-        with torch.no_grad():
-            probs = F.softmax(F.linear(model(chunk), weight, bias), dim=1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        for name, g in per_example(params, chunk, labels).items():
+    for images, chunk_labels in zip(x.split(chunk_size), labels.split(chunk_size)):
+        for name, g in per_example(params, images, chunk_labels).items():
             fisher[name] += g.pow(2).sum(0)
     return {name: f / x.shape[0] for name, f in fisher.items()}
 
 
 def task_fisher(model: nn.Module, task_index: int, task: Task, samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """``fisher_diagonal`` on ``samples`` training images of ``task`` (seeded choice)."""
+    """``fisher_diagonal`` on ``samples`` training images of ``task`` (seeded choice), labels
+    sampled from the model."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(task.train_index), generator=generator)[:samples]
     x = to_float(task.train_images()[chosen].to(device), task.dataset)
-    return fisher_diagonal(model, task_index, x, torch.Generator(device=device).manual_seed(seed))
+    labels = sampled_labels(model, task_index, x, torch.Generator(device=device).manual_seed(seed))
+    return fisher_diagonal(model, task_index, x, labels)
 
 
 @dataclass

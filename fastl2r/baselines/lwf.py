@@ -1,6 +1,8 @@
 """LwF (Li & Hoiem 2018; DESIGN §1.6): the new task's cross-entropy plus distillation of every
 old head's outputs on the new task's batch toward those of the network as it was when the task
-began (``w0`` for Task B; in Experiment 5 the network after Task 2 while Task 3 is learned)."""
+began (``w0`` for Task B; in Experiment 5 the network after Task 2 while Task 3 is learned).
+α = ``methods.lwf.alpha`` = 1.0 is the paper's validated value, the temperature
+``methods.lwf.temperature`` = 2 Li & Hoiem's."""
 from __future__ import annotations
 
 import copy

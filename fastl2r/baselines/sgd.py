@@ -1,7 +1,8 @@
 """SGD and SGD×0.1 (DESIGN §1.6): plain SGD on the new task's cross-entropy."""
 from __future__ import annotations
 
-from typing import Optional
+import abc
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -44,3 +45,37 @@ class SGDx01(SGD):
     """SGD at a tenth of the learning rate (``methods.sgd_x0.1.lr``)."""
 
     name = "sgd_x0.1"
+
+
+class SGDFromBackbone(Method):
+    """The SGD protocol from a backbone the method prepares itself (MAML, Rep): ``backbone_state``
+    gives it, cached, with Task A's head ``heads.0``; its other entries go into ``results.json``."""
+
+    facts_key: ClassVar[str]
+
+    @abc.abstractmethod
+    def build_backbone(self, index: int) -> dict:
+        """``{"model": state_dict, **facts}``, prepared from pre-trained checkpoint ``index``."""
+
+    @abc.abstractmethod
+    def cache_key(self) -> dict:
+        """What shapes the backbone besides what shapes ``w0`` (the cache key's ``extra``)."""
+
+    def backbone_state(self) -> dict:
+        index = self.experiment.metatest_checkpoint
+        return self.experiment.cached_state(self.name, index, lambda: self.build_backbone(index),
+                                            extra=self.cache_key())
+
+    def prepare(self) -> None:
+        self.facts = {k: v for k, v in self.backbone_state().items() if k != "model"}
+
+    def info(self) -> dict:
+        return {self.facts_key: self.facts}
+
+    def initial_model(self, run: int) -> nn.Module:
+        model = self.experiment.new_model([self.experiment.source_task().num_classes])
+        model.load_state_dict(self.backbone_state()["model"])
+        return model
+
+    def learner(self, model: nn.Module, run: int) -> Learner:
+        return SGDLearner(model, self.options["lr"])
