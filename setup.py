@@ -83,7 +83,6 @@ setup(
         "scikit-learn>=1.3",
         "nvtx>=0.2.5",
         "ninja>=1.11",
-        "pybind11>=2.12",
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"]},

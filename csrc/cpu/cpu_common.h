@@ -1,5 +1,5 @@
-// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, BLAS
-// GEMMs on raw row-major blocks, row blocks of a group, pointwise activations.
+// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, BLAS GEMMs
+// and vectorised activations on raw row-major blocks, row blocks of a group.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -32,6 +32,13 @@ void parallel_tasks(int64_t n, const Task& task) {
   });
 }
 
+// A tensor over raw memory (no ownership), for handing a block to an ATen kernel.
+template <typename T>
+at::Tensor view(const T* data, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::from_blob(const_cast<T*>(data), sizes, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
 // c[m, n] = beta * c + alpha * op(a)[m, k] @ op(b)[k, n], every matrix row-major with
 // its row stride; op transposes when the flag is set.  ATen's BLAS (MKL, OpenBLAS)
 // does the work, single-threaded inside parallel_tasks.
@@ -39,17 +46,32 @@ template <typename T>
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
           int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  at::Tensor cm = view(c, {m, n}, {ldc, 1});
   if (k == 0) {
     beta == T(0) ? cm.zero_() : cm.mul_(beta);
     return;
   }
-  at::Tensor am = at::from_blob(const_cast<T*>(a), {m, k},
-                                transpose_a ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1}, options);
-  at::Tensor bm = at::from_blob(const_cast<T*>(b), {k, n},
-                                transpose_b ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1}, options);
+  at::Tensor am = view(a, {m, k}, transpose_a ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1});
+  at::Tensor bm = view(b, {k, n}, transpose_b ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1});
   cm.addmm_(am, bm, beta, alpha);
+}
+
+// out[r, :] = row for every r < rows (out row-major [rows, n]): a bias before a GEMM with beta = 1.
+template <typename T>
+void fill_rows(const T* row, int64_t rows, int64_t n, T* out) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(row, n, out + r * n);
+}
+
+// Activations in place on a row-major [rows, n] block with row stride ld, by ATen's
+// vectorised kernels (SLEEF, picked for this CPU at run time): a scalar std::exp or
+// std::tanh per element would cost more than the GEMMs around it.
+template <typename T>
+void sigmoid_(T* x, int64_t rows, int64_t n, int64_t ld) {
+  view(x, {rows, n}, {ld, 1}).sigmoid_();
+}
+template <typename T>
+void tanh_(T* x, int64_t rows, int64_t n, int64_t ld) {
+  view(x, {rows, n}, {ld, 1}).tanh_();
 }
 
 // A run of at most `block` consecutive rows of one tensor of a group.
@@ -77,11 +99,6 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   std::unique_ptr<T[]> buffer(new T[n]);
   if (poison_outputs()) std::fill_n(buffer.get(), n, std::numeric_limits<T>::quiet_NaN());
   return buffer;
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
 }
 
 }  // namespace fastl2r::cpu

@@ -1,8 +1,8 @@
 // The gated update on the CPU (fastl2r/ops/reference.py::gated_update):
 // δ = s·tanh(W_out h3 + b_out), w_new = w − lr·δ⊙g, forward and backward.
 //
-// Forward: one task per block of rows of one tensor: the head GEMM into tanh_z (saved
-// for the backward), then tanh, scale, δ⊙g and the update in one pass.
+// Forward: one task per block of rows of one tensor: b_out and the head GEMM into tanh_z
+// (saved for the backward), tanh in place, then scale, δ⊙g and the update in one pass.
 // Backward: the same row blocks form dz = ∂L/∂(W_out h3 + b_out) and ∂L/∂h3; then one
 // task per tensor forms its head's gradients (W_out, b_out, s).
 #include <ATen/Dispatch.h>
@@ -23,18 +23,14 @@ void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* 
     const int64_t rows = blk.end - blk.begin;
     const T* net = head + blk.tensor * P;
     T* z = tanh_z + blk.begin * K;
-    gemm<T>(false, true, rows, K, H, 1, h3 + blk.begin * H, H, net + L.w_out(), H, 0, z, K);
-    const T* b = net + L.b_out();
+    fill_rows(net + L.b_out(), rows, K, z);
+    gemm<T>(false, true, rows, K, H, 1, h3 + blk.begin * H, H, net + L.w_out(), H, 1, z, K);
+    tanh_(z, rows, K, K);
     const T s = net[L.scale()];
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = (blk.begin + r) * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const T th = std::tanh(z[r * K + k] + b[k]);
-        const T d = s * th;
-        z[r * K + k] = th;
-        delta[row + k] = d;
-        w_new[row + k] = w[row + k] - lr * d * g[row + k];
-      }
+    for (int64_t e = blk.begin * K; e < blk.end * K; ++e) {
+      const T d = s * tanh_z[e];
+      delta[e] = d;
+      w_new[e] = w[e] - lr * d * g[e];
     }
   });
 }

@@ -1,8 +1,9 @@
 // The grouped meta-LSTM on the CPU (fastl2r/ops/reference.py::meta_lstm): the three
 // stacked cells for every row of a group, forward and backward.
 //
-// Forward: one task per block of rows of one tensor runs all three cells (GEMMs into
-// the saved gates, then the fused gate/cell/ReLU pass), so a block stays in cache.
+// Forward: one task per block of rows of one tensor runs all three cells (bias and GEMMs
+// into the saved gates, the gate activations by ATen's vectorised kernels, then the
+// cell/ReLU pass), so a block stays in cache.
 // Cell 0's shared input (a_shared) is folded into its bias once per tensor.
 // Backward: the same row blocks run the cells top-down (fused gate derivatives, then
 // the GEMMs for the state and input gradients); then one task per (tensor, cell part)
@@ -54,25 +55,29 @@ std::vector<T> all_inverse_rms(const GroupLayout& L, const std::vector<int64_t>&
   return scales;
 }
 
-// Gates (pre-activation, without bias) -> activated gates in place; the new state and
-// ReLU(h_new), the next cell's input.
+// One cell's gates (pre-activation, bias included) -> activated gates in place (i, f, o:
+// sigmoid; g: tanh); the new state, and ReLU(h_new), the next cell's input.  `tanh_c` is
+// scratch [rows, H].
 template <typename T>
-void cell_forward(int64_t rows, int64_t H, const T* bias, const T* c_prev, T* gates, T* h_out, T* c_out,
+void cell_forward(int64_t rows, int64_t H, const T* c_prev, T* gates, T* tanh_c, T* h_out, T* c_out,
                   T* relu_out) {
+  const int64_t G4 = 4 * H;
+  sigmoid_(gates, rows, 2 * H, G4);
+  tanh_(gates + 2 * H, rows, H, G4);
+  sigmoid_(gates + 3 * H, rows, H, G4);
   for (int64_t r = 0; r < rows; ++r) {
-    T* gr = gates + r * 4 * H;
+    const T* gr = gates + r * G4;
     for (int64_t j = 0; j < H; ++j) {
-      const T i = sigmoid(gr[j] + bias[j]);
-      const T f = sigmoid(gr[H + j] + bias[H + j]);
-      const T u = std::tanh(gr[2 * H + j] + bias[2 * H + j]);
-      const T o = sigmoid(gr[3 * H + j] + bias[3 * H + j]);
-      const T c_new = f * c_prev[r * H + j] + i * u;
-      const T h_new = o * std::tanh(c_new);
-      gr[j] = i;
-      gr[H + j] = f;
-      gr[2 * H + j] = u;
-      gr[3 * H + j] = o;
+      const T c_new = gr[H + j] * c_prev[r * H + j] + gr[j] * gr[2 * H + j];
       c_out[r * H + j] = c_new;
+      tanh_c[r * H + j] = c_new;
+    }
+  }
+  tanh_(tanh_c, rows, H, H);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* o = gates + r * G4 + 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T h_new = o[j] * tanh_c[r * H + j];
       h_out[r * H + j] = h_new;
       relu_out[r * H + j] = h_new > T(0) ? h_new : T(0);
     }
@@ -81,10 +86,13 @@ void cell_forward(int64_t rows, int64_t H, const T* bias, const T* c_prev, T* ga
 
 // Gate gradients of one cell from the gradients reaching its outputs: grad_h (+ the
 // gradient of ReLU(h_new) from the cell above, if any) and grad_c.
+// `tanh_c` is scratch [rows, H].
 template <typename T>
 void cell_backward(int64_t rows, int64_t H, const T* grad_h, const T* grad_c, const T* grad_relu,
-                   const T* h_new, const T* c_new, const T* c_prev, const T* gates, T* grad_gates,
+                   const T* h_new, const T* c_new, const T* c_prev, const T* gates, T* tanh_c, T* grad_gates,
                    T* grad_c_prev) {
+  std::copy_n(c_new, rows * H, tanh_c);
+  tanh_(tanh_c, rows, H, H);
   for (int64_t r = 0; r < rows; ++r) {
     const T* gr = gates + r * 4 * H;
     T* dg = grad_gates + r * 4 * H;
@@ -93,7 +101,7 @@ void cell_backward(int64_t rows, int64_t H, const T* grad_h, const T* grad_c, co
       T dh = grad_h[e];
       if (grad_relu != nullptr && h_new[e] > T(0)) dh += grad_relu[e];
       const T i = gr[j], f = gr[H + j], u = gr[2 * H + j], o = gr[3 * H + j];
-      const T tc = std::tanh(c_new[e]);
+      const T tc = tanh_c[e];
       const T dc = grad_c[e] + dh * o * (T(1) - tc * tc);
       dg[j] = dc * u * i * (T(1) - i);
       dg[H + j] = dc * c_prev[e] * f * (T(1) - f);
@@ -147,17 +155,18 @@ void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* 
       for (int64_t j = 0; j < L.Ar; ++j) xr[2 * K + j] = a_row[row * L.Ar + j] * s[L.scale_a(j)];
     }
     auto x = scratch<T>(rows * H);  // ReLU(h_new) of the cell below
+    auto tanh_c = scratch<T>(rows * H);
     for (int cell = 0; cell < kNumCells; ++cell) {
       const int64_t at = cell * R + blk.begin;
       T* pre = gates + at * G4;
+      fill_rows(cell == 0 ? bias0.data() + blk.tensor * G4 : net + L.bias(cell), rows, G4, pre);
       if (cell == 0) {
-        gemm<T>(false, true, rows, G4, Dr, 1, x0.get(), Dr, net + L.w_ih(0), D, 0, pre, G4);
+        gemm<T>(false, true, rows, G4, Dr, 1, x0.get(), Dr, net + L.w_ih(0), D, 1, pre, G4);
       } else {
-        gemm<T>(false, true, rows, G4, H, 1, x.get(), H, net + L.w_ih(cell), H, 0, pre, G4);
+        gemm<T>(false, true, rows, G4, H, 1, x.get(), H, net + L.w_ih(cell), H, 1, pre, G4);
       }
       gemm<T>(false, true, rows, G4, H, 1, h + at * H, H, net + L.w_hh(cell), H, 1, pre, G4);
-      const T* bias = cell == 0 ? bias0.data() + blk.tensor * G4 : net + L.bias(cell);
-      cell_forward(rows, H, bias, c + at * H, pre, h_new + at * H, c_new + at * H, x.get());
+      cell_forward(rows, H, c + at * H, pre, tanh_c.get(), h_new + at * H, c_new + at * H, x.get());
     }
   });
 }
@@ -180,10 +189,11 @@ void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T*
     const int64_t rows = blk.end - blk.begin;
     const T* net = lstm + blk.tensor * P;
     auto grad_relu = scratch<T>(rows * H);  // gradient of the cell above w.r.t. its input ReLU(h_new)
+    auto tanh_c = scratch<T>(rows * H);
     for (int cell = kNumCells - 1; cell >= 0; --cell) {
       const int64_t at = cell * R + blk.begin;
       cell_backward(rows, H, grad_h + at * H, grad_c + at * H, cell + 1 < kNumCells ? grad_relu.get() : nullptr,
-                    h_new + at * H, c_new + at * H, c + at * H, gates + at * G4, dgates + at * G4,
+                    h_new + at * H, c_new + at * H, c + at * H, gates + at * G4, tanh_c.get(), dgates + at * G4,
                     grad_c_in + at * H);
       gemm<T>(false, false, rows, H, G4, 1, dgates + at * G4, G4, net + L.w_hh(cell), H, 0, grad_h_in + at * H, H);
       if (cell > 0) {
