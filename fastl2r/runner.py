@@ -186,7 +186,14 @@ class Experiment:
         return self.config["seed"] * 1000 + run
 
     def run_method(self, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
-        """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``."""
+        """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``.
+        The global RNG (new heads' initialisation) is seeded by the run, so every method of a run
+        starts its new heads from the same weights and a run repeats exactly."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.run_seed(run))
+            return self._run_method(method, run, tasks)
+
+    def _run_method(self, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
         m = self.config["metatest"]
         steps, every = m["steps_per_task"], m["eval_every"]
         model = method.initial_model(run).to(self.device)

@@ -232,6 +232,8 @@ class MetaTrainer:
         ``save_every`` episodes and at the end; the finished meta-learner goes to ``metalearner.pt``."""
         total = self.mt["episodes"]
         until = total if stop_after is None else min(stop_after, total)
+        for index in range(self.mt["checkpoints"]):  # pre-training w0 is not meta-training time
+            self.experiment.pretrained_state(index)
         self._start = time.perf_counter()
         bar = tqdm(total=total, initial=self.progress.episode, desc="meta-training", disable=not progress,
                    dynamic_ncols=True)
