@@ -66,6 +66,20 @@ def tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+@triton.jit
+def row_block(blocks, H: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr):
+    """This program's entry of a ``row_blocks`` table: the tensor ``t`` of the group it serves, its
+    ``BR`` rows with their mask (the block ends at ``r1``), and the ``HP`` hidden units padded from
+    ``H`` with theirs."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks + 3 * pid)
+    r0 = tl.load(blocks + 3 * pid + 1)
+    r1 = tl.load(blocks + 3 * pid + 2)
+    rows = r0 + tl.arange(0, BR)
+    units = tl.arange(0, HP)
+    return t, rows, rows < r1, units, units < H
+
+
 _tables: dict[tuple, torch.Tensor] = {}
 
 

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from fastl2r.ops.layout import GroupDims, unpack_head
 
-from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_blocks, row_offsets, tanh,
-               view_offsets)
+from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks, row_offsets,
+               tanh, view_offsets)
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,7 @@ def _forward_kernel(h3, head, w, g, blocks, w_new, delta, step_size,
                     K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr,
                     B_OUT: tl.constexpr, SCALE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
                     BK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blocks + 3 * pid)
-    r0 = tl.load(blocks + 3 * pid + 1)
-    r1 = tl.load(blocks + 3 * pid + 2)
-    rows = r0 + tl.arange(0, BR)
-    row_mask = rows < r1
-    units = tl.arange(0, HP)
-    unit_mask = units < H
+    t, rows, row_mask, units, unit_mask = row_block(blocks, H, HP, BR)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     col_mask = cols < K
     params = head + t.to(tl.int64) * P
@@ -90,14 +83,7 @@ def _backward_rows_kernel(h3, head, g, blocks, dw_new, ddelta, dpre, dh3, row_su
                           K: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, P: tl.constexpr,
                           B_OUT: tl.constexpr, SCALE: tl.constexpr, HAS_DW: tl.constexpr,
                           HAS_DDELTA: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blocks + 3 * pid)
-    r0 = tl.load(blocks + 3 * pid + 1)
-    r1 = tl.load(blocks + 3 * pid + 2)
-    rows = r0 + tl.arange(0, BR)
-    row_mask = rows < r1
-    units = tl.arange(0, HP)
-    unit_mask = units < H
+    t, rows, row_mask, units, unit_mask = row_block(blocks, H, HP, BR)
     params = head + t.to(tl.int64) * P
     state = rows[:, None] * H + units[None, :]
     state_mask = row_mask[:, None] & unit_mask[None, :]

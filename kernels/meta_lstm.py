@@ -48,8 +48,8 @@ import triton.language as tl
 from fastl2r.ops.layout import NUM_CELLS, GroupDims, unpack_lstm
 from fastl2r.ops.reference import RMS_EPS
 
-from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_blocks, row_offsets, sigmoid,
-               tanh, view_offsets)
+from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks, row_offsets,
+               sigmoid, tanh, view_offsets)
 
 REDUCE_BLOCK = 1024  # elements per step of the prologue's sums of squares
 
@@ -198,14 +198,7 @@ def _forward_kernel(w, g, a_row, lstm, bias1, scales, blocks, h, c, h_out, c_out
                     P: tl.constexpr, NS: tl.constexpr, HH1: tl.constexpr, IH2: tl.constexpr,
                     HH2: tl.constexpr, B2: tl.constexpr, IH3: tl.constexpr, HH3: tl.constexpr,
                     B3: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blocks + 3 * pid)
-    r0 = tl.load(blocks + 3 * pid + 1)
-    r1 = tl.load(blocks + 3 * pid + 2)
-    rows = r0 + tl.arange(0, BR)
-    row_mask = rows < r1
-    units = tl.arange(0, HP)
-    unit_mask = units < H
+    t, rows, row_mask, units, unit_mask = row_block(blocks, H, HP, BR)
     params = lstm + t.to(tl.int64) * P
     scale = scales + t * NS
     inv_w = tl.load(scale)
@@ -321,14 +314,7 @@ def _backward_rows_kernel(dh_out, dc_out, lstm, scales, blocks, c, h_out, gates,
                           HH2: tl.constexpr, IH3: tl.constexpr, HH3: tl.constexpr,
                           HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr,
                           BK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blocks + 3 * pid)
-    r0 = tl.load(blocks + 3 * pid + 1)
-    r1 = tl.load(blocks + 3 * pid + 2)
-    rows = r0 + tl.arange(0, BR)
-    row_mask = rows < r1
-    units = tl.arange(0, HP)
-    unit_mask = units < H
+    t, rows, row_mask, units, unit_mask = row_block(blocks, H, HP, BR)
     params = lstm + t.to(tl.int64) * P
     state = rows[:, None] * H + units[None, :]
     state_mask = row_mask[:, None] & unit_mask[None, :]
