@@ -224,7 +224,7 @@ class InnerStepRig:
 
     def meta_update(self, loss: torch.Tensor) -> None:
         """The trainer's Adam step on θ, back-propagating through the whole current window."""
-        if not self.trainer.meta_update(loss):
+        if self.trainer.meta_update(loss) is None:
             raise FloatingPointError("the meta-loss or its gradient is not finite")
 
     def new_window(self, length: int = 1) -> None:

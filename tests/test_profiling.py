@@ -74,7 +74,7 @@ def test_one_inner_step_opens_the_phases_in_order(recorder):
     trainer = types.SimpleNamespace(meta=meta, optimizer=torch.optim.Adam(meta.parameters()))
 
     loss = inner_step(ep, batch(4, 2, 1), batch(4, 3, 2), lr=0.1, loss_scale=300.0, theta=meta.snapshot())
-    assert MetaTrainer.meta_update(trainer, loss)
+    assert MetaTrainer.meta_update(trainer, loss) == pytest.approx(loss.item())
 
     phases = ["teacher_step", "student_grad", "meta_update", "meta_loss", "meta_backward"]
     assert recorder.events == [(kind, name, "fastl2r") for name in phases for kind in ("open", "close")]
