@@ -88,4 +88,31 @@ inline GroupLayout check_gated_update(const at::Tensor& h3, const at::Tensor& he
   return layout;
 }
 
+// The backward's inputs: the forward's checks plus the cotangents and saved outputs.
+inline GroupLayout check_meta_lstm_backward(const at::Tensor& grad_h, const at::Tensor& grad_c,
+                                            const at::Tensor& w, const at::Tensor& g, const at::Tensor& a_row,
+                                            const at::Tensor& a_shared, const at::Tensor& lstm,
+                                            const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new,
+                                            const at::Tensor& c_new, const at::Tensor& gates) {
+  const GroupLayout layout = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  for (auto [x, name] : {std::pair{&grad_h, "grad_h"}, {&grad_c, "grad_c"}, {&h_new, "h_new"}, {&c_new, "c_new"}}) {
+    check_float(*x, name, w);
+    check_shape(*x, name, h.sizes());
+  }
+  check_float(gates, "gates", w);
+  check_shape(gates, "gates", {kNumCells, w.size(0), layout.gates()});
+  return layout;
+}
+
+inline GroupLayout check_gated_update_backward(const at::Tensor& grad_w_new, const at::Tensor& grad_delta,
+                                               const at::Tensor& h3, const at::Tensor& head, const at::Tensor& g,
+                                               const at::Tensor& tanh_z) {
+  const GroupLayout layout = check_gated_update(h3, head, g, g);
+  for (auto [x, name] : {std::pair{&grad_w_new, "grad_w_new"}, {&grad_delta, "grad_delta"}, {&tanh_z, "tanh_z"}}) {
+    check_float(*x, name, g);
+    check_shape(*x, name, g.sizes());
+  }
+  return layout;
+}
+
 }  // namespace fastl2r

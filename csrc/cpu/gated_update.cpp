@@ -98,12 +98,8 @@ std::tuple<at::Tensor, at::Tensor> gated_update_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& head, const at::Tensor& g,
                                                              at::IntArrayRef rows, double lr,
                                                              const at::Tensor& tanh_z) {
-  const GroupLayout L = check_gated_update(h3, head, g, g);
+  const GroupLayout L = check_gated_update_backward(grad_w_new, grad_delta, h3, head, g, tanh_z);
   const std::vector<int64_t> starts = row_starts(rows, head.size(0), g.size(0));
-  for (auto [x, name] : {std::pair{&grad_w_new, "grad_w_new"}, {&grad_delta, "grad_delta"}, {&tanh_z, "tanh_z"}}) {
-    check_float(*x, name, g);
-    check_shape(*x, name, g.sizes());
-  }
   const at::Tensor dw = grad_w_new.contiguous(), dd = grad_delta.contiguous(), hc = h3.contiguous(),
                    pc = head.contiguous(), gc = g.contiguous(), tz = tanh_z.contiguous();
   at::Tensor grad_h3 = new_buffer(h3.sizes(), h3.options());

@@ -275,14 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cp
     const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
     const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
     const at::Tensor& gates) {
-  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  const GroupLayout L =
+      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates);
   const std::vector<int64_t> starts = row_starts(rows, lstm.size(0), w.size(0));
-  for (auto [x, name] : {std::pair{&grad_h, "grad_h"}, {&grad_c, "grad_c"}, {&h_new, "h_new"}, {&c_new, "c_new"}}) {
-    check_float(*x, name, w);
-    check_shape(*x, name, h.sizes());
-  }
-  check_float(gates, "gates", w);
-  check_shape(gates, "gates", {kNumCells, w.size(0), L.gates()});
   const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
                    ac = a_row.contiguous(), sc = a_shared.contiguous(), lc = lstm.contiguous(),
                    hc = h.contiguous(), cc = c.contiguous(), hn = h_new.contiguous(), cn = c_new.contiguous(),

@@ -144,15 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cu
     const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
     const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
     const at::Tensor& gates) {
-  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  const GroupLayout L =
+      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates);
   check_cuda(w);
   check_hidden(L, lstm.size(0));
-  for (auto [x, name] : {std::pair{&grad_h, "grad_h"}, {&grad_c, "grad_c"}, {&h_new, "h_new"}, {&c_new, "c_new"}}) {
-    check_float(*x, name, w);
-    check_shape(*x, name, h.sizes());
-  }
-  check_float(gates, "gates", w);
-  check_shape(gates, "gates", {kNumCells, w.size(0), L.gates()});
   const c10::cuda::CUDAGuard guard(w.device());
   const RowTable table = row_table(rows, lstm.size(0), w.size(0), w.device());
   const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
@@ -203,13 +198,9 @@ std::tuple<at::Tensor, at::Tensor> gated_update_backward_cuda(const at::Tensor& 
                                                               const at::Tensor& head, const at::Tensor& g,
                                                               at::IntArrayRef rows, double lr,
                                                               const at::Tensor& tanh_z) {
-  const GroupLayout L = check_gated_update(h3, head, g, g);
+  const GroupLayout L = check_gated_update_backward(grad_w_new, grad_delta, h3, head, g, tanh_z);
   check_cuda(g);
   check_hidden(L, head.size(0));
-  for (auto [x, name] : {std::pair{&grad_w_new, "grad_w_new"}, {&grad_delta, "grad_delta"}, {&tanh_z, "tanh_z"}}) {
-    check_float(*x, name, g);
-    check_shape(*x, name, g.sizes());
-  }
   const c10::cuda::CUDAGuard guard(g.device());
   const RowTable table = row_table(rows, head.size(0), g.size(0), g.device());
   const at::Tensor dw = grad_w_new.contiguous(), dd = grad_delta.contiguous(), hc = h3.contiguous(),
