@@ -219,6 +219,25 @@ def test_channel_means_matches_reference(backend, device, dtype):
     assert_matches(actual, expected, "means", TOLERANCE["channel_means"][dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_channel_means_of_large_activations_do_not_depend_on_the_thread_count(dtype):
+    # Large enough that the CPU kernel splits the batch into blocks, the last one shorter.
+    require("cpp", "cpu")
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(s, generator=gen, dtype=F64).add(0.5).to(dtype) for s in ((70, 16, 16, 16), (129, 64, 8, 8))]
+    threads = torch.get_num_threads()
+    try:
+        with ops.use_backend("cpp"):
+            torch.set_num_threads(1)
+            one = ops.channel_means(xs)
+            torch.set_num_threads(2)
+            two = ops.channel_means(xs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert_matches(one, reference.channel_means([x.double() for x in xs]), "means", TOLERANCE["channel_means"][dtype])
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_gradcheck_float64(backend, device):
     require(backend, device)

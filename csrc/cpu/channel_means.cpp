@@ -1,8 +1,11 @@
 // Channel means on the CPU (fastl2r/ops/reference.py::channel_means): for a list of
 // activations [N, C, ...], every per-channel mean over the other dims, in one call.
 //
-// One task per (activation, channel), summed in double.  A tensor listed twice (a
-// layer's output is often the next layer's input) is read once.
+// One task per block of batch rows of an activation: it reads its block front to back
+// (memory order, which the prefetchers follow) into per-channel partial sums in double;
+// the partials are then added in block order.  Blocks depend on shapes only, so the
+// result does not depend on the number of threads.  A tensor listed twice (a layer's
+// output is often the next layer's input) is read once.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -14,26 +17,50 @@
 namespace fastl2r::cpu {
 namespace {
 
+constexpr int64_t kBlockBytes = 256 * 1024;  // about what one task reads
+
 struct Source {
   at::Tensor data;  // contiguous
   int64_t batch, channels, inner, out;
+  int64_t rows_per_block, blocks, partials;  // partials: where its blocks' sums start
+
+  int64_t plan(int64_t element_size, int64_t first_partial) {
+    const int64_t row_bytes = std::max<int64_t>(1, channels * inner * element_size);
+    rows_per_block = std::clamp<int64_t>(kBlockBytes / row_bytes, 1, std::max<int64_t>(1, batch));
+    blocks = std::max<int64_t>(1, (batch + rows_per_block - 1) / rows_per_block);
+    partials = first_partial;
+    return blocks * channels;
+  }
 };
 
 template <typename T>
-void channel_sums(const std::vector<Source>& sources, const std::vector<std::pair<int64_t, int64_t>>& tasks,
-                  T* out) {
+void channel_means_of(const std::vector<Source>& sources, const std::vector<std::pair<int64_t, int64_t>>& tasks,
+                      double* partial, T* out) {
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t index) {
-    const auto [s, channel] = tasks[index];
+    const auto [s, block] = tasks[index];
     const Source& src = sources[s];
-    const T* x = src.data.data_ptr<T>();
-    double acc = 0;
-    for (int64_t n = 0; n < src.batch; ++n) {
-      const T* plane = x + (n * src.channels + channel) * src.inner;
+    double* sums = partial + src.partials + block * src.channels;
+    std::fill_n(sums, src.channels, 0.0);
+    const int64_t first = block * src.rows_per_block, last = std::min(src.batch, first + src.rows_per_block);
+    const T* x = src.data.data_ptr<T>() + first * src.channels * src.inner;
+    for (int64_t n = first; n < last; ++n) {
+      for (int64_t channel = 0; channel < src.channels; ++channel, x += src.inner) {
+        double acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < src.inner; ++i) acc += static_cast<double>(plane[i]);
+        for (int64_t i = 0; i < src.inner; ++i) acc += static_cast<double>(x[i]);
+        sums[channel] += acc;
+      }
     }
-    out[src.out + channel] = static_cast<T>(acc / static_cast<double>(src.batch * src.inner));
   });
+  for (const Source& src : sources) {  // a few thousand additions: not worth threads
+    const double count = static_cast<double>(src.batch * src.inner);
+    for (int64_t channel = 0; channel < src.channels; ++channel) {
+      double total = 0;
+      const double* sums = partial + src.partials + channel;
+      for (int64_t block = 0; block < src.blocks; ++block) total += sums[block * src.channels];
+      out[src.out + channel] = static_cast<T>(total / count);
+    }
+  }
 }
 
 at::Tensor channel_means_cpu(at::TensorList activations) {
@@ -54,18 +81,21 @@ at::Tensor channel_means_cpu(at::TensorList activations) {
     } else {
       seen.emplace(std::move(key), total);
       sources.push_back({x.contiguous(), x.size(0), channels, x.numel() / std::max<int64_t>(1, x.size(0) * channels),
-                         total});
+                         total, 0, 0, 0});
     }
     total += channels;
   }
-  std::vector<std::pair<int64_t, int64_t>> tasks;
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (source, block)
+  int64_t partials = 0;
   for (size_t s = 0; s < sources.size(); ++s) {
-    for (int64_t ch = 0; ch < sources[s].channels; ++ch) tasks.emplace_back(static_cast<int64_t>(s), ch);
+    partials += sources[s].plan(first.element_size(), partials);
+    for (int64_t block = 0; block < sources[s].blocks; ++block) tasks.emplace_back(static_cast<int64_t>(s), block);
   }
+  std::vector<double> partial(static_cast<size_t>(partials));
   at::Tensor out = new_buffer({total}, first.options());
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "fastl2r.channel_means", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    channel_sums<scalar_t>(sources, tasks, o);
+    channel_means_of<scalar_t>(sources, tasks, partial.data(), o);
     for (const auto& [to, from, channels] : copies) std::copy_n(o + from, channels, o + to);
   });
   return out;
