@@ -554,11 +554,16 @@ def _setup_context(ctx, inputs, output):
     h_out, _, gates, scales = output
     ctx.rows = rows
     ctx.mark_non_differentiable(gates, scales)
+    ctx.set_materialize_grads(False)  # no zeros for the cotangents of gates and scales, never used
     ctx.save_for_backward(w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales)
 
 
 def _backward(ctx, dh_out, dc_out, _dgates, _dscales):
     w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales = ctx.saved_tensors
+    # The backward kernels read both: an output the loss does not use (c' at the end of a
+    # T-BPTT window) gets zeros here.
+    dh_out = torch.zeros_like(h_out) if dh_out is None else dh_out
+    dc_out = torch.zeros_like(c) if dc_out is None else dc_out
     dw, dlstm, dh, dc = meta_lstm_backward(dh_out, dc_out, w, g, a_row, a_shared, lstm, ctx.rows, h, c, h_out,
                                            gates, scales)
     return dw, None, None, None, dlstm, None, dh, dc

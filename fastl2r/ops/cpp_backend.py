@@ -40,11 +40,16 @@ def _meta_lstm_setup(ctx, inputs, output) -> None:
     h_new, c_new, gates = output
     ctx.rows = rows
     ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)  # no zeros for the gates' cotangent, which is never used
     ctx.save_for_backward(w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates)
 
 
 def _meta_lstm_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
     w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates = ctx.saved_tensors
+    # The backward op reads both: an output the loss does not use (c' at the end of a
+    # T-BPTT window) gets zeros here.
+    grad_h_new = torch.zeros_like(h_new) if grad_h_new is None else grad_h_new
+    grad_c_new = torch.zeros_like(c_new) if grad_c_new is None else grad_c_new
     grad_w, grad_lstm, grad_h, grad_c = _ops.meta_lstm_backward(
         grad_h_new, grad_c_new, w, g, a_row, a_shared, lstm, ctx.rows, h, c, h_new, c_new, gates)
     # g and the activation means are constants of the meta-gradient (see fastl2r.ops).
@@ -56,11 +61,14 @@ def _gated_update_setup(ctx, inputs, output) -> None:
     _, _, tanh_z = output
     ctx.rows, ctx.lr = rows, lr
     ctx.mark_non_differentiable(tanh_z)
+    ctx.set_materialize_grads(False)  # no zeros for tanh(z)'s cotangent, which is never used
     ctx.save_for_backward(h3, head, g, tanh_z)
 
 
 def _gated_update_backward(ctx, grad_w_new, grad_delta, _grad_tanh_z):
     h3, head, g, tanh_z = ctx.saved_tensors
+    grad_w_new = torch.zeros_like(g) if grad_w_new is None else grad_w_new
+    grad_delta = torch.zeros_like(g) if grad_delta is None else grad_delta  # δ: most losses do not use it
     grad_h3, grad_head = _ops.gated_update_backward(grad_w_new, grad_delta, h3, head, g, ctx.rows, ctx.lr, tanh_z)
     return grad_h3, grad_head, grad_w_new, None, None, None
 
