@@ -64,3 +64,16 @@ def test_fused_update_count_is_constant_in_depth(backend, device, reference_coun
         fused_calls = sum(n for name, n in c.forward.items() if name.startswith("fastl2r"))
         assert fused_calls == 2 * len(MetaLearner(ARCHITECTURES[arch](), **TINY).groups), (arch, c.forward)
     assert totals["resnet32_gn"] * 20 < reference_counts["resnet32_gn"], (totals, reference_counts)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_update_backward_fills_only_the_cotangents_its_ops_read(backend, device):
+    # Zeros for δ and c' (unused by this loss, read by the backward ops), none for the
+    # saved gates, tanh(z) or scales that the forward ops return for their backward.
+    reason = skip_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    counts = count_update("resnet8_gn", backend, device, **TINY)
+    fills = sum(n for name, n in counts.backward.items()
+                if name in ("aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.fill_", "aten.zero_"))
+    assert fills == 2 * len(MetaLearner(ARCHITECTURES["resnet8_gn"](), **TINY).groups), dict(counts.backward)
