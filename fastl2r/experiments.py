@@ -76,9 +76,10 @@ for _suite in TASKS.values():
 # pre-training twice as many): only the smoke preset shrinks it, for speed.  Pre-training
 # uses the paper's lr 0.1 except in smoke (ours): its few dozen steps are too few to recover from
 # the loss spike that lr 0.1 with momentum 0.9 causes in the first steps (w0 stayed at chance), so
-# it pre-trains a quarter epoch at lr 0.02 with a 30% warm-up (w0's Task A accuracy 0.72-0.91).  Quick meta-training episodes stop after 100 inner
-# steps (ours) so that exp1's quick meta-training (1,800 inner steps at ~0.7/s with the C++ ops)
-# takes under an hour on 2 CPU cores; its meta-test horizon stays 200.
+# it pre-trains a quarter epoch at lr 0.02 with a 30% warm-up (w0's Task A accuracy 0.72-0.91).
+# Quick meta-training episodes stop after 100 inner steps (ours) so that exp1's quick
+# meta-training (1,800 inner steps at ~0.7/s with the C++ ops) takes under an hour on 2 CPU
+# cores; its meta-test horizon stays 200.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "paper": {"pretrain_lr": 0.1, "pretrain_warmup": 0.05, "pretrain_epochs": 40.0, "steps_per_task": 500, "steps_per_task_exp5": 300, "eval_every": 25,
               "readout_steps": 500, "readout_train": 0, "readout_test": 0, "episode_scale": 1.0,

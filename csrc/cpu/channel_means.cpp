@@ -22,7 +22,7 @@ constexpr int64_t kBlockBytes = 256 * 1024;  // about what one task reads
 struct Source {
   at::Tensor data;  // contiguous
   int64_t batch, channels, inner, out;
-  int64_t rows_per_block, blocks, partials;  // partials: where its blocks' sums start
+  int64_t rows_per_block = 0, blocks = 0, partials = 0;  // set by plan; partials: where its blocks' sums start
 
   int64_t plan(int64_t element_size, int64_t first_partial) {
     const int64_t row_bytes = std::max<int64_t>(1, channels * inner * element_size);
@@ -81,7 +81,7 @@ at::Tensor channel_means_cpu(at::TensorList activations) {
     } else {
       seen.emplace(std::move(key), total);
       sources.push_back({x.contiguous(), x.size(0), channels, x.numel() / std::max<int64_t>(1, x.size(0) * channels),
-                         total, 0, 0, 0});
+                         total});
     }
     total += channels;
   }

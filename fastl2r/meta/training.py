@@ -219,7 +219,7 @@ class MetaTrainer:
             loss.backward(retain_graph=True)
             grads = [p.grad for p in self.meta.parameters() if p.grad is not None]
             finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            value, grads_finite = torch.stack([loss.detach().float(), finite.float()]).tolist()
+            value, grads_finite = torch.stack([loss.detach(), finite.to(loss.dtype)]).tolist()
             if not (math.isfinite(value) and grads_finite):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
