@@ -10,6 +10,13 @@ from fastl2r.ops import GroupDims, unpack_head, unpack_lstm
 from fastl2r.ops.reference import rms_normalise
 
 
+@pytest.fixture(autouse=True)
+def reference_backend():
+    """These tests pin down the contract itself: the reference ops, whatever else is built."""
+    with ops.use_backend("reference"):
+        yield
+
+
 def group_inputs(dims: GroupDims, rows, dtype=torch.float64, seed=0, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     R, G = sum(rows), len(rows)
@@ -174,3 +181,50 @@ def test_forced_backends_fail_clearly():
             ops.channel_means([torch.randn(2, 3)])
     with ops.use_backend("reference"):
         assert ops.backend_name("cpu") == "reference"
+
+
+def stack_slots(per_slot, rows):
+    """Per-slot ``[R, X]`` row tensors in the slot layout of the ops: tensor by tensor, slot by slot."""
+    out, start = [], 0
+    for n in rows:
+        out += [x[start:start + n] for x in per_slot]
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dims,rows", [(CONV, (3, 5)), (NORM, (4, 1, 2))])
+def test_slots_are_independent_episodes(dims, rows):
+    """S slots in one call = S separate calls: per-(tensor, slot) RMS and shared features, the
+    meta-nets shared, so θ's gradient is the sum of the slots' gradients."""
+    slots = [group_inputs(dims, rows, seed=s) for s in range(3)]
+    shared = slots[0]["lstm"].clone().requires_grad_()
+    head = slots[0]["head"].clone().requires_grad_()
+    per_slot_outputs, lstm_grad, head_grad = [], torch.zeros_like(shared), torch.zeros_like(head)
+    for x in slots:
+        h_new, c_new = ops.meta_lstm(x["w"], x["g"], x["a_row"], x["a_shared"], shared, rows, x["h"], x["c"])
+        w_new, delta = ops.gated_update(h_new[2], head, x["w"], x["g"], rows, 0.1)
+        gl, gh = torch.autograd.grad(w_new.sum() + c_new.square().sum(), (shared, head))
+        lstm_grad += gl
+        head_grad += gh
+        per_slot_outputs.append((h_new, c_new, w_new, delta))
+    cat = {k: stack_slots([x[k] for x in slots], rows) for k in ("w", "g", "a_row")}
+    cat["a_shared"] = torch.cat([torch.stack([x["a_shared"][t] for x in slots]) for t in range(len(rows))])
+    cat["h"] = torch.stack([stack_slots([x["h"][k] for x in slots], rows) for k in range(3)])
+    cat["c"] = torch.stack([stack_slots([x["c"][k] for x in slots], rows) for k in range(3)])
+    h_new, c_new = ops.meta_lstm(cat["w"], cat["g"], cat["a_row"], cat["a_shared"], shared, rows, cat["h"], cat["c"])
+    w_new, delta = ops.gated_update(h_new[2], head, cat["w"], cat["g"], rows, 0.1)
+    gl, gh = torch.autograd.grad(w_new.sum() + c_new.square().sum(), (shared, head))
+    for k in range(3):
+        torch.testing.assert_close(h_new[k], stack_slots([o[0][k] for o in per_slot_outputs], rows))
+        torch.testing.assert_close(c_new[k], stack_slots([o[1][k] for o in per_slot_outputs], rows))
+    torch.testing.assert_close(w_new, stack_slots([o[2] for o in per_slot_outputs], rows))
+    torch.testing.assert_close(delta, stack_slots([o[3] for o in per_slot_outputs], rows))
+    torch.testing.assert_close(gl, lstm_grad)
+    torch.testing.assert_close(gh, head_grad)
+
+
+def test_rows_must_divide_the_group_into_slots():
+    x = group_inputs(NORM, (4, 1, 2))
+    with pytest.raises(ValueError, match="divide"):
+        ops.meta_lstm(x["w"][:6], x["g"][:6], x["a_row"][:6], x["a_shared"], x["lstm"], (4, 1, 2),
+                      x["h"][:, :6], x["c"][:, :6])

@@ -38,34 +38,39 @@ def channel_means(activations: Sequence[torch.Tensor]) -> torch.Tensor:
     return backend_for(first.device).channel_means([x.detach() for x in activations])
 
 
-def _check_rows(rows: Sequence[int], total: int, groups: int) -> tuple[int, ...]:
+def _check_rows(rows: Sequence[int], total: int, groups: int) -> tuple[tuple[int, ...], int]:
+    """``rows`` as ints, and the number of episode slots ``total`` rows hold."""
     rows = tuple(int(r) for r in rows)
-    if len(rows) != groups or any(r <= 0 for r in rows) or sum(rows) != total:
-        raise ValueError(f"rows {list(rows)} must be {groups} positive counts adding up to {total}")
-    return rows
+    if len(rows) != groups or any(r <= 0 for r in rows) or total % sum(rows):
+        raise ValueError(f"rows {list(rows)} must be {groups} positive counts whose sum divides the group's "
+                         f"{total} rows (one per episode slot)")
+    return rows, total // sum(rows)
 
 
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor,
               lstm: torch.Tensor, rows: Sequence[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three stacked meta-LSTM cells for every row of a group of meta-nets (see reference)."""
+    """The three stacked meta-LSTM cells for every row of a group of meta-nets, for every
+    episode slot (see reference: ``rows`` counts one slot's rows)."""
     G = lstm.shape[0]
     dims = GroupDims.of(w, a_row, a_shared, h)
     R = w.shape[0]
-    if g.shape != w.shape or a_row.shape[0] != R or a_shared.shape[0] != G:
+    rows, slots = _check_rows(rows, R, G)
+    if g.shape != w.shape or a_row.shape[0] != R or a_shared.shape[0] != G * slots:
         raise ValueError(f"meta_lstm: inconsistent shapes w {tuple(w.shape)}, g {tuple(g.shape)}, "
-                         f"a_row {tuple(a_row.shape)}, a_shared {tuple(a_shared.shape)} for {G} tensors")
+                         f"a_row {tuple(a_row.shape)}, a_shared {tuple(a_shared.shape)} for {G} tensors "
+                         f"and {slots} slots")
     if h.shape != (NUM_CELLS, R, dims.H) or c.shape != h.shape:
         raise ValueError(f"meta_lstm: state must be [{NUM_CELLS}, {R}, H], got h {tuple(h.shape)}, c {tuple(c.shape)}")
     if lstm.shape[1] != dims.lstm_size:
         raise ValueError(f"meta_lstm: lstm has {lstm.shape[1]} columns, expected {dims.lstm_size} for {dims}")
-    rows = _check_rows(rows, R, G)
     return backend_for(w.device).meta_lstm(w, g.detach(), a_row.detach(), a_shared.detach(), lstm, rows, h, c)
 
 
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                  rows: Sequence[int], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``δ = s·tanh(W_out h3 + b_out)``, ``w_new = w − lr·δ⊙g``; returns ``(w_new, δ)``."""
+    """``δ = s·tanh(W_out h3 + b_out)``, ``w_new = w − lr·δ⊙g``; returns ``(w_new, δ)``.
+    ``rows`` counts one slot's rows, as for ``meta_lstm``: tensor t's S·rows[t] rows use head t."""
     R, K = w.shape
     G = head.shape[0]
     if g.shape != w.shape or h3.dim() != 2 or h3.shape[0] != R:
@@ -73,5 +78,5 @@ def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch
     expected = GroupDims(K=K, Ar=0, Ds=0, H=h3.shape[1]).head_size
     if head.shape[1] != expected:
         raise ValueError(f"gated_update: head has {head.shape[1]} columns, expected {expected} (K={K}, H={h3.shape[1]})")
-    rows = _check_rows(rows, R, G)
-    return backend_for(w.device).gated_update(h3, head, w, g.detach(), rows, float(lr))
+    rows, slots = _check_rows(rows, R, G)
+    return backend_for(w.device).gated_update(h3, head, w, g.detach(), tuple(slots * r for r in rows), float(lr))

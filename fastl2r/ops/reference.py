@@ -47,45 +47,57 @@ def meta_features(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor) -> torc
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor,
               lstm: torch.Tensor, rows: Sequence[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the three stacked LSTM cells for every row of a group of meta-nets.
+    """One step of the three stacked LSTM cells for every row of a group of meta-nets,
+    for S episode slots at once (S = w's rows / sum(rows); S = 1 is one episode).
 
-    w, g      [R, K]     student weights and gradients, R = sum(rows) rows
-    a_row     [R, Ar]    per-row activation means (conv: output; GroupNorm: input, output)
-    a_shared  [G, Ds]    per-tensor activation means shared by its rows (conv: input)
-    lstm      [G, P]     the meta-nets (layout.py)
-    h, c      [3, R, H]  per-cell recurrent state
-    returns   (h_new, c_new) [3, R, H]; cells 1 and 2 feed ReLU(h) to the next cell.
+    w, g      [S·R, K]   student weights and gradients, R = sum(rows); tensor t holds the
+                         S·rows[t] rows from S·(rows[0] + … + rows[t-1]), slot by slot
+    a_row     [S·R, Ar]  per-row activation means (conv: output; GroupNorm: input, output)
+    a_shared  [G·S, Ds]  per-(tensor, slot) activation means shared by its rows (conv: input)
+    lstm      [G, P]     the meta-nets (layout.py), shared by the slots
+    h, c      [3, S·R, H] per-cell recurrent state
+    returns   (h_new, c_new) [3, S·R, H]; cells 1 and 2 feed ReLU(h) to the next cell.
+    Every (tensor, slot) block of rows is RMS-normalised on its own: a slot is an episode.
     """
     dims = GroupDims.of(w, a_row, a_shared, h)
     cells = unpack_lstm(lstm, dims)
+    slots = slot_count(rows, w.shape[0])
     h_out, c_out, start = [], [], 0
     for t, n_rows in enumerate(rows):
-        r = slice(start, start + n_rows)
-        start += n_rows
-        x = meta_features(w[r], g[r], a_row[r])
-        hs, cs = [], []
-        for k, (w_ih, w_hh, b) in enumerate(cells):
-            w_in, bias = w_ih[t], b[t]
-            if k == 0 and dims.Ds:
-                # The shared block is the same for every row: one mat-vec per tensor.
-                bias = bias + w_in[:, dims.Dr:] @ rms_normalise(a_shared[t])
-                w_in = w_in[:, : dims.Dr]
-            h_new, c_new = lstm_cell(x, h[k, r], c[k, r], w_in, w_hh[t], bias)
-            hs.append(h_new)
-            cs.append(c_new)
-            x = F.relu(h_new)
-        h_out.append(torch.stack(hs))
-        c_out.append(torch.stack(cs))
-    if start != w.shape[0]:
-        raise ValueError(f"rows {list(rows)} add up to {start}, but w has {w.shape[0]} rows")
+        for s in range(slots):
+            r = slice(start, start + n_rows)
+            start += n_rows
+            x = meta_features(w[r], g[r], a_row[r])
+            hs, cs = [], []
+            for k, (w_ih, w_hh, b) in enumerate(cells):
+                w_in, bias = w_ih[t], b[t]
+                if k == 0 and dims.Ds:
+                    # The shared block is the same for every row: one mat-vec per (tensor, slot).
+                    bias = bias + w_in[:, dims.Dr:] @ rms_normalise(a_shared[t * slots + s])
+                    w_in = w_in[:, : dims.Dr]
+                h_new, c_new = lstm_cell(x, h[k, r], c[k, r], w_in, w_hh[t], bias)
+                hs.append(h_new)
+                cs.append(c_new)
+                x = F.relu(h_new)
+            h_out.append(torch.stack(hs))
+            c_out.append(torch.stack(cs))
     return torch.cat(h_out, dim=1), torch.cat(c_out, dim=1)
+
+
+def slot_count(rows: Sequence[int], total_rows: int) -> int:
+    """How many episode slots a group of ``total_rows`` rows holds (``rows`` counts one slot's)."""
+    per_slot = sum(rows)
+    if per_slot <= 0 or total_rows % per_slot:
+        raise ValueError(f"rows {list(rows)} (one slot) do not divide the group's {total_rows} rows")
+    return total_rows // per_slot
 
 
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                  rows: Sequence[int], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``δ = s·tanh(W_out h3 + b_out)`` per row, then ``w_new = w − lr·δ⊙g``.
 
-    h3 [R, H], head [G, P_head] (layout.py), w and g [R, K]; returns (w_new, δ), both [R, K].
+    h3 [R, H], head [G, P_head] (layout.py), w and g [R, K]; ``rows[t]`` rows use head t
+    (with S slots, ``ops.gated_update`` passes S·rows[t]); returns (w_new, δ), both [R, K].
     """
     dims = GroupDims(K=w.shape[1], Ar=0, Ds=0, H=h3.shape[1])
     w_out, b_out, scale = unpack_head(head, dims)
