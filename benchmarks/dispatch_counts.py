@@ -8,7 +8,8 @@ device, only on the code path and the network's structure.
 
     python -m benchmarks.dispatch_counts [--device cpu|cuda] [--archs resnet8_gn,resnet32_gn] [--window 9]
 
-prints the table of BENCHMARKS.md for the reference and every fused backend of the device.
+prints the tables of BENCHMARKS.md: for the reference and every fused backend of the device,
+and for 1, 4 and 16 episode slots side by side.
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def non_view(self) -> int:
+        """Dispatches that may run a kernel (on a GPU, about one launch each)."""
+        return sum(n for name, n in self.ops.items() if name not in self.views)
 
 
 @dataclass
@@ -88,26 +94,29 @@ def count_update(arch: str, backend: str, device: str = "cpu", **hidden: int) ->
     return Counts(forward.ops, backward.ops, forward.views | backward.views)
 
 
-def count_inner_step(arch: str, backend: str, device: str = "cpu", window: int = 1, **hidden: int) -> Counts:
-    """Dispatches of one inner step (forward: teacher step, student gradient, learned update,
-    meta-loss) and of its meta-update (backward through ``window`` steps, Adam on θ)."""
-    rig = InnerStepRig(arch, device, **hidden)
+def count_inner_step(arch: str, backend: str, device: str = "cpu", window: int = 1, slots: int = 1,
+                     **hidden: int) -> Counter:
+    """Dispatches of one inner step of ``slots`` episodes side by side, with its meta-update
+    (backward through ``window`` steps, Adam on θ)."""
+    rig = InnerStepRig(arch, device, slots=slots, **hidden)
     with ops.use_backend(backend):
         rig.new_window(window)
-        with DispatchCounter() as forward:
-            loss = rig.step()
-        with DispatchCounter() as backward:
-            rig.meta_update(loss)
-    return Counts(forward.ops, backward.ops, forward.views | backward.views)
+        with DispatchCounter() as counter:
+            rig.step()
+    return counter
+
+
+def host_reads(counter: DispatchCounter) -> int:
+    """Device-to-host reads among the dispatches (``.item()``, ``.tolist()``, ``bool()`` of a tensor)."""
+    return counter.ops["aten._local_scalar_dense"]
 
 
 def table(archs, backends, device: str, window: int) -> str:
     """Markdown: per network and backend, dispatches of the update and of an inner step (in
     brackets: those that are not views)."""
     lines = ["| network | meta-nets | backend | update fwd | update bwd | update total (non-view) "
-             f"| inner step fwd | meta-update, window 1 | inner step total, window 1 (non-view) "
-             f"| meta-update, window {window} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| inner step, window 1 (non-view) | inner step, window {window} |",
+             "|---|---|---|---|---|---|---|---|"]
     for arch in archs:
         nets = len(find_meta_tensors(ARCHITECTURES[arch]())[0])
         for backend in backends:
@@ -115,8 +124,21 @@ def table(archs, backends, device: str, window: int) -> str:
             first = count_inner_step(arch, backend, device, 1)
             last = count_inner_step(arch, backend, device, window)
             lines.append(f"| {arch} | {nets} | {backend} | {update.n_forward:,} | {update.n_backward:,} "
-                         f"| {update.total:,} ({update.non_view:,}) | {first.n_forward:,} | {first.n_backward:,} "
-                         f"| {first.total:,} ({first.non_view:,}) | {last.n_backward:,} |")
+                         f"| {update.total:,} ({update.non_view:,}) | {first.total:,} ({first.non_view:,}) "
+                         f"| {last.total:,} |")
+    return "\n".join(lines)
+
+
+def slots_table(archs, backend: str, device: str, slots=(1, 4, 16)) -> str:
+    """Markdown: dispatches of one inner step (window 1) for S episodes side by side, and per
+    episode-step; host reads inside the step."""
+    lines = ["| network | backend | slots | inner step (non-view) | per episode-step | host reads |",
+             "|---|---|---|---|---|---|"]
+    for arch in archs:
+        for s in slots:
+            counter = count_inner_step(arch, backend, device, 1, s)
+            lines.append(f"| {arch} | {backend} | {s} | {counter.total:,} ({counter.non_view:,}) "
+                         f"| {counter.total / s:,.0f} | {host_reads(counter)} |")
     return "\n".join(lines)
 
 
@@ -135,6 +157,8 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU on this machine")
     print(table(archs, [EAGER, *fused_backends(args.device)], args.device, args.window))
+    print()
+    print(slots_table(archs, fused_backends(args.device)[0], args.device))
 
 
 if __name__ == "__main__":

@@ -11,19 +11,17 @@ from __future__ import annotations
 import os
 import statistics
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
 
 from fastl2r import ops
-from fastl2r.data import Batch
+from fastl2r.data import ImageDataset, make_task
 from fastl2r.experiments import build_config
 from fastl2r.meta import MetaLearner, MetaState
 from fastl2r.meta.metalearner import CONV_HIDDEN, NORM_HIDDEN
-from fastl2r.meta.student import FunctionalStudent
-from fastl2r.meta.training import EpisodeState, MetaTrainer, inner_step
+from fastl2r.meta.trainer import MetaTrainer
 from fastl2r.models import ARCHITECTURES
 
 EAGER = "reference"
@@ -181,56 +179,64 @@ def update_forward_backward(x: UpdateInputs, cotangents: Sequence[torch.Tensor],
 
 
 # ----- Algorithm 1's inner step -----
-class InnerStepRig:
-    """``fastl2r.meta.training.inner_step`` and the trainer's meta-update (an Adam step on θ)
-    at Experiment 1's settings and shapes — 3×32×32 images, a teacher batch of 64 old-task and
-    64 new-task examples, the student's 64 — on random data and a randomly initialised ``w0``."""
+class SyntheticTasks:
+    """What ``MetaTrainer`` asks of an experiment, on random images of Experiment 1's shapes
+    (3×32×32, Task A of 5 classes, Task B of 5 others): the work of a step does not depend on
+    pixel values, and benchmarks need no dataset on disk."""
 
-    def __init__(self, arch: str = "resnet32_gn", device: str = "cpu", *, seed: int = 0, batches: int = 4,
+    def __init__(self, config: dict, device: str, *, seed: int = 0, images_per_class: int = 64):
+        self.config, self.device = config, torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        n = 10 * images_per_class
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        labels = torch.arange(n) % 10
+        self.dataset = ImageDataset("synthetic", images, labels, images, labels,
+                                    tuple(str(c) for c in range(10)), (0.5,) * 3, (0.25,) * 3, flip=True)
+        self.seed = seed
+
+    def new_model(self, head_classes=()) -> torch.nn.Module:
+        return ARCHITECTURES[self.config["arch"]](3, head_classes).to(self.device)
+
+    def source_task(self):
+        return make_task(self.dataset, range(5))
+
+    def task(self, spec: dict, classes):
+        return make_task(self.dataset, classes)
+
+    def draw_classes(self, specs, rng):
+        return [tuple(range(5, 10)) for _ in specs]
+
+    def pretrained_state(self, index: int = 0) -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000 + index)
+            return {"model": self.new_model([5]).state_dict()}
+
+
+class InnerStepRig:
+    """``MetaTrainer.inner_step`` — Algorithm 1's inner step of every slot with its meta-update
+    (the backward through the current T-BPTT window and an Adam step on θ) — at Experiment 1's
+    settings and shapes (teacher batch 64 old + 64 new, student 64, 3×32×32), ``slots`` episodes
+    side by side, on random data and a randomly initialised ``w0``; no episode ever ends."""
+
+    def __init__(self, arch: str = "resnet32_gn", device: str = "cpu", *, slots: int = 1, seed: int = 0,
                  conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN):
-        config = build_config("exp1", overrides=[f"arch={arch}", f"seed={seed}"])
-        self.mt = config["metatrain"]
-        self.device = torch.device(device)
-        classes = len(config["tasks"]["source"]["classes"])
+        config = build_config("exp1", overrides=[f"arch={arch}", f"seed={seed}", f"metatrain.parallel_episodes={slots}",
+                                                 "metatrain.threshold=[1e9, 0, 1e9]", "metatrain.episode_steps=1000000"])
+        tasks = SyntheticTasks(config, device, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            teacher = ARCHITECTURES[arch](3, [classes]).to(device)
-            meta = MetaLearner(teacher, lr=self.mt["lr"], conv_hidden=conv_hidden, norm_hidden=norm_hidden)
-            # The trainer itself, over a stand-in for the experiment (it needs only these three).
-            experiment = SimpleNamespace(config=config, device=self.device,
-                                         new_model=lambda: ARCHITECTURES[arch](3).to(device))
-            self.trainer = MetaTrainer(experiment, meta)
-        student = FunctionalStudent(self.trainer.skeleton, self.trainer.meta)
-        student.load(teacher)
-        head = teacher.add_head(classes)
-        student.add_head(teacher.heads[head].weight, teacher.heads[head].bias)
-        self.episode = EpisodeState(teacher, student, self.trainer.meta.initial_state(self.device), head)
-        gen = torch.Generator().manual_seed(seed)
-        n = self.mt["batch_size"]
+            meta = MetaLearner(tasks.new_model(), lr=config["metatrain"]["lr"], conv_hidden=conv_hidden,
+                               norm_hidden=norm_hidden)
+        self.trainer = MetaTrainer(tasks, meta)
+        self.trainer.start_episodes()
 
-        def batch() -> Batch:
-            return Batch(torch.randn(n, 3, 32, 32, generator=gen).to(device),
-                         torch.randint(0, classes, (n,), generator=gen).to(device),
-                         torch.zeros(n, dtype=torch.long, device=device))
-        self.batches = [(batch(), batch()) for _ in range(batches)]
-        self.steps = 0
-
-    def step(self) -> torch.Tensor:
-        """One inner step; returns the meta-loss, in the graph of the current T-BPTT window."""
-        batch_a, batch_b = self.batches[self.steps % len(self.batches)]
-        self.steps += 1
-        return inner_step(self.episode, batch_a, batch_b, lr=self.mt["lr"], loss_scale=self.mt["loss_scale"],
-                          theta=self.trainer.meta.snapshot())
-
-    def meta_update(self, loss: torch.Tensor) -> None:
-        """The trainer's Adam step on θ, back-propagating through the whole current window."""
-        if self.trainer.meta_update(loss) is None:
-            raise FloatingPointError("the meta-loss or its gradient is not finite")
+    def step(self) -> None:
+        """One inner step of every slot, with its meta-update."""
+        self.trainer.inner_step()
 
     def new_window(self, length: int = 1) -> None:
-        """Truncate (as at the end of a T-BPTT window), then run ``length - 1`` inner steps
-        without meta-update, so that the next step back-propagates through ``length`` steps."""
-        self.episode.student.truncate()
-        self.episode.state = self.episode.state.detach()
+        """Truncate (as at the end of a T-BPTT window), then run ``length - 1`` inner steps, so
+        that the next step back-propagates through ``length`` steps."""
+        self.trainer.state = self.trainer.state.detach()
         for _ in range(length - 1):
             self.step()

@@ -124,7 +124,7 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
         "metatrain": {"episodes": episodes, "curriculum_every": every, **curriculum,
                       "episode_steps": p["episode_steps_cap"] or steps, "meta_lr": 1e-3, "lr": 0.1,
                       "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if experiment == "exp3" else 1,
-                      "save_every": 50},
+                      "save_every": 50, "checkpoint_minutes": 5.0, "parallel_episodes": 0, "objective": "huber"},
         "methods": method_options(p),
     }
     for item in overrides:
@@ -215,10 +215,11 @@ def validate(config: dict) -> None:
                 "metatest.eval_every", "readout.steps", "readout.lr", "metatrain.episodes",
                 "metatrain.curriculum_every", "metatrain.episode_steps", "metatrain.meta_lr", "metatrain.lr",
                 "metatrain.batch_size", "metatrain.loss_scale", "metatrain.checkpoints", "metatrain.save_every",
+                "metatrain.checkpoint_minutes",
                 "methods.lwf.temperature", "methods.ewc.fisher_samples", "methods.hat.s_max",
                 "methods.hat.embedding_clamp", "methods.maml.meta_iterations", "methods.maml.inner_steps",
                 "methods.maml.batch_size", "methods.rep.epochs"]
-    non_negative = ["seed", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
+    non_negative = ["seed", "metatrain.parallel_episodes", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
                     "pretrain.warmup_fraction", "readout.max_train", "readout.max_test",
                     "methods.lwf.alpha", "methods.ewc.lambda", "methods.hat.c"]
     for key in positive + non_negative:
@@ -231,6 +232,11 @@ def validate(config: dict) -> None:
 
     if config["arch"] not in ARCHITECTURES:
         raise UserError(f"unknown arch {config['arch']!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    from .meta.unroll import OBJECTIVES
+
+    if config["metatrain"]["objective"] not in OBJECTIVES:
+        raise UserError(f"unknown metatrain.objective {config['metatrain']['objective']!r}; choose one of: "
+                        f"{', '.join(OBJECTIVES)}")
     for name, method in config["methods"].items():
         for k, v in method.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):

@@ -53,21 +53,25 @@ class MetaGroup:
     def rows(self) -> tuple[int, ...]:
         return tuple(t.rows for t in self.tensors)
 
-    def row_index(self) -> torch.Tensor:
-        """``[R, Ar]`` positions of each row's activation features in the flat means vector."""
+    def row_index(self, slots: int = 1) -> torch.Tensor:
+        """``[S·R, Ar]`` positions of each row's activation features in the flat means of ``slots``
+        folded slots (a layer's S·C means are slot by slot), rows in the ops' slot layout."""
         index = []
         for t in self.tensors:
-            for r in range(t.rows):
-                if t.kind == "norm":
-                    index.append([t.layer.in_offset + r, t.layer.out_offset + r])
-                else:
-                    index.append([t.layer.out_offset + r])
+            c = t.layer.out_channels
+            for s in range(slots):
+                for r in range(t.rows):
+                    if t.kind == "norm":
+                        index.append([slots * t.layer.in_offset + s * c + r, slots * t.layer.out_offset + s * c + r])
+                    else:
+                        index.append([slots * t.layer.out_offset + s * c + r])
         return torch.tensor(index, dtype=torch.long).reshape(-1, self.dims.Ar)
 
-    def shared_index(self) -> torch.Tensor:
-        """``[G, Ds]`` positions of each tensor's shared features (its layer's input means)."""
-        index = [[t.layer.in_offset + j for j in range(self.dims.Ds)] for t in self.tensors]
-        return torch.tensor(index, dtype=torch.long).reshape(len(self.tensors), self.dims.Ds)
+    def shared_index(self, slots: int = 1) -> torch.Tensor:
+        """``[G·S, Ds]`` positions of each (tensor, slot)'s shared features (its layer's input means)."""
+        index = [[slots * t.layer.in_offset + s * t.layer.in_channels + j for j in range(self.dims.Ds)]
+                 for t in self.tensors for s in range(slots)]
+        return torch.tensor(index, dtype=torch.long).reshape(len(self.tensors) * slots, self.dims.Ds)
 
 
 def find_meta_tensors(model: nn.Module, head_prefix: str = "heads", conv_hidden: int = CONV_HIDDEN,
@@ -141,6 +145,7 @@ class MetaLearner(nn.Module):
             self.head.append(nn.Parameter(_init_head(len(group.tensors), group.dims, dtype)))
             self.register_buffer(f"row_index_{group.index}", group.row_index(), persistent=False)
             self.register_buffer(f"shared_index_{group.index}", group.shared_index(), persistent=False)
+        self._slot_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # S > 1, built on first use
 
     # ----- the student's weights in grouped form -----
     @property
@@ -152,24 +157,32 @@ class MetaLearner(nn.Module):
         meta = {t.name for t in self.meta_tensors}
         return [n for n in names if n not in meta]
 
-    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per group, the ``[R, K]`` rows of its tensors taken from ``tensors`` (by name)."""
-        return [torch.cat([tensors[t.name].reshape(t.rows, -1) for t in group.tensors])
+    def flatten(self, tensors: Mapping[str, torch.Tensor], slots: int = 1) -> list[torch.Tensor]:
+        """Per group, the ``[S·R, K]`` rows of its tensors taken from ``tensors`` (by name, folded:
+        ``[S·rows, ...]``), in the ops' slot layout."""
+        return [torch.cat([tensors[t.name].reshape(slots * t.rows, group.dims.K) for t in group.tensors])
                 for group in self.groups]
 
-    def unflatten(self, flats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Views of the grouped ``flats`` shaped like the student's tensors, by name."""
+    def unflatten(self, flats: Sequence[torch.Tensor], slots: int = 1) -> dict[str, torch.Tensor]:
+        """Views of the grouped ``flats`` shaped like the student's tensors (folded), by name.
+        A group whose tensors share their shape but the first dim is one view and one split."""
         out = {}
         for group, flat in zip(self.groups, flats):
-            for t, rows in zip(group.tensors, flat.split(group.rows)):
-                out[t.name] = rows.view(t.shape)
+            sizes = [slots * r for r in group.rows]
+            inner = {t.shape[1:] for t in group.tensors}
+            if len(inner) == 1:
+                parts = flat.view(flat.shape[0], *next(iter(inner))).split(sizes)
+            else:
+                parts = [rows.view(slots * t.shape[0], *t.shape[1:])
+                         for t, rows in zip(group.tensors, flat.split(sizes))]
+            out.update(zip((t.name for t in group.tensors), parts))
         return out
 
     # ----- the meta-learner itself -----
-    def initial_state(self, device: torch.device | str | None = None,
-                      dtype: torch.dtype = torch.float32) -> MetaState:
-        """Zero recurrent state, as at the start of an episode."""
-        shapes = [(NUM_CELLS, sum(g.rows), g.dims.H) for g in self.groups]
+    def initial_state(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                      slots: int = 1) -> MetaState:
+        """Zero recurrent state, as at the start of an episode, for ``slots`` slots."""
+        shapes = [(NUM_CELLS, slots * sum(g.rows), g.dims.H) for g in self.groups]
         return MetaState([torch.zeros(s, device=device, dtype=dtype) for s in shapes],
                          [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
 
@@ -181,27 +194,36 @@ class MetaLearner(nn.Module):
         while later steps of a T-BPTT window still back-propagate through this one."""
         return Theta([p.clone() for p in self.lstm], [p.clone() for p in self.head])
 
-    def features_of(self, means: torch.Tensor, group: MetaGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_of(self, means: torch.Tensor, group: MetaGroup, slots: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's per-row and shared activation features gathered from the flat means."""
-        return (means[getattr(self, f"row_index_{group.index}")],
-                means[getattr(self, f"shared_index_{group.index}")])
+        if slots == 1:
+            row, shared = getattr(self, f"row_index_{group.index}"), getattr(self, f"shared_index_{group.index}")
+        else:
+            key = (group.index, slots, means.device)
+            if key not in self._slot_index:
+                self._slot_index[key] = (group.row_index(slots).to(means.device),
+                                         group.shared_index(slots).to(means.device))
+            row, shared = self._slot_index[key]
+        return means[row], means[shared]
 
     def step(self, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], means: torch.Tensor,
              state: MetaState, theta: Optional[Theta] = None
              ) -> tuple[list[torch.Tensor], MetaState, list[torch.Tensor]]:
         """One learned update of every group: returns ``(new weights, new state, δ)`` per group.
 
-        ``weights``/``grads`` are grouped (``flatten``), ``means`` the flat activation
-        means of the forward pass that produced ``grads`` (``ActivationTaps.means``).
+        ``weights``/``grads`` are grouped (``flatten``) for S slots, ``means`` the flat activation
+        means (S·``channel_count``) of the forward pass that produced ``grads``.
         """
-        if means.numel() != self.channel_count:
+        slots, extra = divmod(means.numel(), self.channel_count)
+        if extra or slots == 0:
             raise ValueError(f"means has {means.numel()} values, the student's layers have "
-                             f"{self.channel_count} channels: was it recorded on the same architecture?")
+                             f"{self.channel_count} channels per slot: was it recorded on the same architecture?")
         theta = theta or self.theta()
         new_weights, deltas, hs, cs = [], [], [], []
         for group in self.groups:
             i = group.index
-            a_row, a_shared = self.features_of(means, group)
+            a_row, a_shared = self.features_of(means, group, slots)
             h, c = ops.meta_lstm(weights[i], grads[i], a_row, a_shared, theta.lstm[i], group.rows,
                                  state.h[i], state.c[i])
             w_new, delta = ops.gated_update(h[NUM_CELLS - 1], theta.head[i], weights[i], grads[i],
@@ -211,17 +233,6 @@ class MetaLearner(nn.Module):
             hs.append(h)
             cs.append(c)
         return new_weights, MetaState(hs, cs), deltas
-
-    def describe(self) -> str:
-        lines = [f"MetaLearner: {len(self.meta_tensors)} meta-nets in {len(self.groups)} groups, "
-                 f"{sum(p.numel() for p in self.parameters()):,} parameters"]
-        for g in self.groups:
-            kinds = sorted({t.kind for t in g.tensors})
-            lines.append(f"  group {g.index}: {len(g.tensors)} {'/'.join(kinds)} tensors, {sum(g.rows)} rows, "
-                         f"K={g.dims.K} D={g.dims.D} H={g.dims.H}")
-        if self.plain_parameters:
-            lines.append(f"  plain SGD: {', '.join(self.plain_parameters)}")
-        return "\n".join(lines)
 
 
 def _init_lstm(count: int, dims: GroupDims, dtype: torch.dtype) -> torch.Tensor:

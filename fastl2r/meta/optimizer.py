@@ -35,7 +35,6 @@ class LearnedOptimizer:
         if missing:
             raise ValueError(f"the model lacks tensors the meta-learner was built for: {sorted(missing)[:5]}")
         self.taps = ActivationTaps(model, meta.head_prefix)
-        self.taps.start()
         device = next(model.parameters()).device
         self.state: MetaState = meta.initial_state(device, next(model.parameters()).dtype)
         self.last_deltas: list[torch.Tensor] = []

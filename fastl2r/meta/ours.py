@@ -12,7 +12,7 @@ from ..data import Batch
 from ..methods import Learner, Method
 from .metalearner import MetaLearner
 from .optimizer import LearnedOptimizer, load_metalearner
-from .training import MetaTrainer
+from .trainer import MetaTrainer
 
 DELTA_SAMPLES_PER_TENSOR = 256  # δ values kept per tensor and recording step, for Figure 7
 

@@ -3,6 +3,15 @@
 ``model(x)`` returns the 64-d representation ``h``; ``model.heads[t](h)`` gives the
 logits of task ``t``.  Shortcuts are parameter-free: subsample, then zero-pad the
 new channels (option A of the paper).
+
+**Episode slots folded into channels.**  The layers run S independent networks at
+once when their weights and inputs are folded (DESIGN §6): an input ``[N, S·C, H, W]``
+holds slot s's images in channels ``s·C … s·C + C − 1``, a conv weight is
+``[S·C_out, C_in, k, k]`` (a grouped convolution, one group per slot), a GroupNorm's
+γ and β are ``[S·C]`` (its groups never straddle two slots), and ``h`` is
+``[N, S·64]``.  S is read from the input's channel count, so the same modules serve
+one network (S = 1, the usual shapes) and ``torch.func.functional_call`` with folded
+weights; activations seen by forward hooks are folded too.
 """
 from __future__ import annotations
 
@@ -16,26 +25,53 @@ CHANNELS_PER_GROUP = 4  # GroupNorm groups of 4 channels (ours)
 WIDTHS = (16, 32, 64)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(channels // CHANNELS_PER_GROUP, channels)
+def slots_of(x: torch.Tensor, channels: int) -> int:
+    """How many slots a folded activation ``[N, S·channels, ...]`` holds."""
+    if x.shape[1] % channels:
+        raise ValueError(f"an input of {x.shape[1]} channels is not a whole number of slots of {channels}")
+    return x.shape[1] // channels
+
+
+class SlotConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that also runs S folded slots, as a convolution of S groups."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slots = slots_of(x, self.in_channels)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, slots)
+
+
+class SlotGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also runs S folded slots (S times the groups, γ and β ``[S·C]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slots = slots_of(x, self.num_channels)
+        return F.group_norm(x, self.num_groups * slots, self.weight, self.bias, self.eps)
+
+
+def group_norm(channels: int) -> SlotGroupNorm:
+    return SlotGroupNorm(channels // CHANNELS_PER_GROUP, channels)
 
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.conv1 = SlotConv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.gn1 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = SlotConv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.gn2 = group_norm(out_channels)
         self.stride = stride
+        self.in_channels = in_channels
         self.extra_channels = out_channels - in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.gn1(self.conv1(x)))
         out = self.gn2(self.conv2(out))
         shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-        if self.extra_channels:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        if self.extra_channels:  # zero channels appended to each slot's own
+            n, _, height, width = shortcut.shape
+            slots = slots_of(x, self.in_channels)
+            shortcut = F.pad(shortcut.view(n, slots, self.in_channels, height, width),
+                             (0, 0, 0, 0, 0, self.extra_channels)).view(n, -1, height, width)
         return F.relu(out + shortcut)
 
 
@@ -48,7 +84,7 @@ class ResNetGN(nn.Module):
         super().__init__()
         self.blocks_per_stage = blocks_per_stage
         self.in_channels = in_channels
-        self.conv = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
+        self.conv = SlotConv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
         self.gn = group_norm(WIDTHS[0])
         blocks, width = [], WIDTHS[0]
         for stage, out_width in enumerate(WIDTHS):
@@ -65,7 +101,7 @@ class ResNetGN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation ``h`` [N, 64]: global average pool of the last stage."""
+        """The representation ``h`` [N, 64] (folded: [N, S·64]): global average pool of the last stage."""
         out = F.relu(self.gn(self.conv(x)))
         out = self.blocks(out)
         return out.mean(dim=(2, 3))
@@ -101,3 +137,11 @@ def resnet8_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNet
 
 
 ARCHITECTURES = {"resnet32_gn": resnet32_gn, "resnet14_gn": resnet14_gn, "resnet8_gn": resnet8_gn}
+
+
+def runs_slots(model: nn.Module, head_prefix: str = "heads") -> bool:
+    """Can ``model`` run several folded episode slots at once?  Only if every layer with
+    parameters (heads aside) folds them, as the ``Slot`` layers here do; any network runs one."""
+    return all(isinstance(m, (SlotConv2d, SlotGroupNorm)) or next(m.parameters(recurse=False), None) is None
+               for name, m in model.named_modules()
+               if name != head_prefix and not name.startswith(head_prefix + "."))

@@ -2,14 +2,18 @@
 
 The meta-learner's features include, for each conv / GroupNorm / (non-head) linear
 layer, the mean over batch and space of its input and of its output.  Forward hooks
-keep references to those activations as the forward runs (no second forward);
-``means()`` then computes every mean in one ``fastl2r.ops.channel_means`` call.
+keep references to those activations as the forward runs (no second forward); one
+``fastl2r.ops.channel_means`` call then computes every mean.
+
+``record_activations`` holds its hooks for one ``with`` block only, so a network used
+for thousands of episodes never accumulates hooks; ``ActivationTaps`` keeps them for
+the life of a ``LearnedOptimizer``, which reads the activations of its user's forward.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +28,7 @@ class TappedLayer:
     name: str
     in_channels: int
     out_channels: int
-    in_offset: int    # where this layer's input means start in the flat means vector
+    in_offset: int    # where this layer's input means start in the flat means vector (one slot)
     out_offset: int   # where its output means start
 
 
@@ -51,57 +55,58 @@ def tapped_layers(model: nn.Module, head_prefix: str = "heads") -> list[TappedLa
     return layers
 
 
+def _register(model: nn.Module, layers: list[TappedLayer], slots: list[Optional[torch.Tensor]]) -> list:
+    """Hooks writing each tapped layer's (input, output) into ``slots[2i]``, ``slots[2i + 1]``."""
+    modules = dict(model.named_modules())
+
+    def hook(index: int):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            slots[2 * index] = inputs[0]  # only their means are used, out of the graph
+            slots[2 * index + 1] = output
+        return record
+
+    return [modules[layer.name].register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+
+
+def activation_means(layers: list[TappedLayer], activations: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Every recorded per-channel mean, flat, in ``layers`` order (input then output); folded
+    activations give each layer's means slot by slot."""
+    missing = [layers[i // 2].name for i, a in enumerate(activations) if a is None]
+    if missing:
+        raise RuntimeError(f"no activation was recorded for layers {missing[:5]}: did the forward pass "
+                           "run through them?")
+    return ops.channel_means(activations)
+
+
+@contextmanager
+def record_activations(model: nn.Module, layers: list[TappedLayer]) -> Iterator[list]:
+    """Inside the block, forward passes of ``model`` write its tapped layers' inputs and outputs
+    into the yielded list (the last pass wins); the hooks are gone when the block ends."""
+    activations: list[Optional[torch.Tensor]] = [None] * (2 * len(layers))
+    handles = _register(model, layers, activations)
+    try:
+        yield activations
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class ActivationTaps:
-    """Hooks on ``model`` that record layer inputs/outputs inside ``with taps.record():``."""
+    """Hooks on ``model``, until ``remove()``, recording the inputs and outputs of its tapped layers
+    in every forward pass (the last one wins)."""
 
     def __init__(self, model: nn.Module, head_prefix: str = "heads"):
         self.layers = tapped_layers(model, head_prefix)
-        modules = dict(model.named_modules())
-        self._activations: list[torch.Tensor | None] = [None] * (2 * len(self.layers))
-        self._recording = False
-        self._handles = [modules[layer.name].register_forward_hook(self._hook(i))
-                         for i, layer in enumerate(self.layers)]
-
-    def _hook(self, index: int):
-        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self._recording:
-                self._activations[2 * index] = inputs[0].detach()
-                self._activations[2 * index + 1] = output.detach()
-        return record
-
-    @contextmanager
-    def record(self) -> Iterator["ActivationTaps"]:
-        """Record the activations of the forward passes run inside the block (the last one wins)."""
-        self.clear()
-        self.start()
-        try:
-            yield self
-        finally:
-            self.stop()
-
-    def start(self) -> None:
-        """Record every forward pass from now on (the last one wins) until ``stop``."""
-        self._recording = True
-
-    def stop(self) -> None:
-        self._recording = False
-
-    @property
-    def size(self) -> int:
-        last = self.layers[-1]
-        return last.out_offset + last.out_channels if self.layers else 0
+        self._activations: list[Optional[torch.Tensor]] = [None] * (2 * len(self.layers))
+        self._handles = _register(model, self.layers, self._activations)
 
     def means(self) -> torch.Tensor:
-        """All recorded per-channel means, flat, in ``layers`` order (input then output)."""
-        missing = [self.layers[i // 2].name for i, a in enumerate(self._activations) if a is None]
-        if missing:
-            raise RuntimeError(f"no activation was recorded for layers {missing[:5]}; run the forward "
-                               "pass inside `with taps.record():`")
-        return ops.channel_means(self._activations)
+        """The means of the last forward pass (see ``activation_means``)."""
+        return activation_means(self.layers, self._activations)
 
     def clear(self) -> None:
         """Drop the recorded activations (they keep the forward's memory alive)."""
-        self._activations = [None] * len(self._activations)
+        self._activations[:] = [None] * len(self._activations)
 
     def remove(self) -> None:
         for handle in self._handles:

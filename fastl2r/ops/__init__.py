@@ -35,7 +35,8 @@ def channel_means(activations: Sequence[torch.Tensor]) -> torch.Tensor:
             raise ValueError(f"channel_means: activations need a channel dim 1, got shape {tuple(x.shape)}")
         if x.device != first.device or x.dtype != first.dtype:
             raise ValueError("channel_means: all activations must share one device and dtype")
-    return backend_for(first.device).channel_means([x.detach() for x in activations])
+    with torch.no_grad():  # the means are constants: nothing to record, nothing to detach
+        return backend_for(first.device).channel_means(activations)
 
 
 def _check_rows(rows: Sequence[int], total: int, groups: int) -> tuple[tuple[int, ...], int]:
@@ -64,7 +65,7 @@ def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: t
         raise ValueError(f"meta_lstm: state must be [{NUM_CELLS}, {R}, H], got h {tuple(h.shape)}, c {tuple(c.shape)}")
     if lstm.shape[1] != dims.lstm_size:
         raise ValueError(f"meta_lstm: lstm has {lstm.shape[1]} columns, expected {dims.lstm_size} for {dims}")
-    return backend_for(w.device).meta_lstm(w, g.detach(), a_row.detach(), a_shared.detach(), lstm, rows, h, c)
+    return backend_for(w.device).meta_lstm(w, _constant(g), _constant(a_row), _constant(a_shared), lstm, rows, h, c)
 
 
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
@@ -79,4 +80,9 @@ def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch
     if head.shape[1] != expected:
         raise ValueError(f"gated_update: head has {head.shape[1]} columns, expected {expected} (K={K}, H={h3.shape[1]})")
     rows, slots = _check_rows(rows, R, G)
-    return backend_for(w.device).gated_update(h3, head, w, g.detach(), tuple(slots * r for r in rows), float(lr))
+    return backend_for(w.device).gated_update(h3, head, w, _constant(g), tuple(slots * r for r in rows), float(lr))
+
+
+def _constant(x: torch.Tensor) -> torch.Tensor:
+    """``x`` out of the graph (a constant of the meta-gradient); no dispatch when it is already."""
+    return x.detach() if x.requires_grad else x
