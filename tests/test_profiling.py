@@ -1,5 +1,5 @@
 """NVTX ranges (DESIGN §5): the phases of an inner step and the readout, with FASTL2R_NVTX=1;
-the nvtx package is optional."""
+the nvtx package is optional (tests/test_gpu_check.py also imports every test module without it)."""
 import contextlib
 import sys
 import types
