@@ -68,10 +68,11 @@ TASKS: dict[str, dict[str, dict]] = {
                  "meta_test": [_drawn("fashion_mnist", (6, 7, 8, 9), 2)] * 2},
     },
 }
-for _suite in TASKS.values():
-    _suite["exp3"] = copy.deepcopy(_suite["exp2"])
+for _suite in TASKS.values():  # Experiment 3: Experiment 2 on a pool of pre-trained checkpoints
+    _suite["exp3"] = {**copy.deepcopy(_suite["exp2"]), "checkpoint_pool": True}
 
-# Everything a preset scales.  ``steps_per_task`` is the meta-test horizon of each new task;
+# Everything a preset scales.  ``steps_per_task`` is the meta-test horizon of each new task, by
+# the number of tasks in a sequence (2: Task A then B; 3: Task A then two new ones, Experiment 5);
 # ``batch_size`` the new task's batch (the teacher's holds as many old-task examples again,
 # pre-training twice as many): only the smoke preset shrinks it, for speed.  Pre-training
 # uses the paper's lr 0.1 except in smoke (ours): its few dozen steps are too few to recover from
@@ -81,15 +82,15 @@ for _suite in TASKS.values():
 # meta-training (1,800 inner steps at ~0.7/s with the C++ ops) takes under an hour on 2 CPU
 # cores; its meta-test horizon stays 200.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
-    "paper": {"pretrain_lr": 0.1, "pretrain_warmup": 0.05, "pretrain_epochs": 40.0, "steps_per_task": 500, "steps_per_task_exp5": 300, "eval_every": 25,
+    "paper": {"pretrain_lr": 0.1, "pretrain_warmup": 0.05, "pretrain_epochs": 40.0, "steps_per_task": {2: 500, 3: 300}, "eval_every": 25,
               "readout_steps": 500, "readout_train": 0, "readout_test": 0, "episode_scale": 1.0,
               "episode_steps_cap": 0, "checkpoints": 100, "runs": 5, "batch_size": 64,
               "fisher_samples": 1000, "maml_iterations": 2000},
-    "quick": {"pretrain_lr": 0.1, "pretrain_warmup": 0.05, "pretrain_epochs": 2.0, "steps_per_task": 200, "steps_per_task_exp5": 120, "eval_every": 20,
+    "quick": {"pretrain_lr": 0.1, "pretrain_warmup": 0.05, "pretrain_epochs": 2.0, "steps_per_task": {2: 200, 3: 120}, "eval_every": 20,
               "readout_steps": 500, "readout_train": 1000, "readout_test": 1000, "episode_scale": 0.02,
               "episode_steps_cap": 100, "checkpoints": 4, "runs": 5, "batch_size": 64,
               "fisher_samples": 500, "maml_iterations": 200},
-    "smoke": {"pretrain_lr": 0.02, "pretrain_warmup": 0.3, "pretrain_epochs": 0.25, "steps_per_task": 20, "steps_per_task_exp5": 10, "eval_every": 10,
+    "smoke": {"pretrain_lr": 0.02, "pretrain_warmup": 0.3, "pretrain_epochs": 0.25, "steps_per_task": {2: 20, 3: 10}, "eval_every": 10,
               "readout_steps": 100, "readout_train": 200, "readout_test": 200, "episode_scale": 0.0,
               "episode_steps_cap": 6, "checkpoints": 2, "runs": 2, "batch_size": 32,
               "fisher_samples": 64, "maml_iterations": 3},
@@ -106,11 +107,11 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
     p = PRESET_VALUES[preset]
     tasks = copy.deepcopy(TASKS[suite][experiment])
     curriculum = copy.deepcopy(CURRICULA[experiment])
-    three_tasks = len(tasks["meta_test"]) > 1
-    steps = p["steps_per_task_exp5"] if three_tasks else p["steps_per_task"]
+    steps = p["steps_per_task"][1 + len(tasks["meta_test"])]  # by the number of tasks in a sequence
+    pool = tasks.pop("checkpoint_pool", False)
     paper_episodes = curriculum.pop("episodes")
     episodes = max(SMOKE_EPISODES, round(paper_episodes * p["episode_scale"]))
-    every = 300 if preset == "paper" else max(1, round(300 * episodes / paper_episodes))
+    every = max(1, round(300 * episodes / paper_episodes))  # the paper's 300, scaled with the episodes
     config = {
         "experiment": experiment, "suite": suite, "preset": preset, "seed": seed,
         "runs": p["runs"] if runs is None else runs,
@@ -118,12 +119,13 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
         "tasks": tasks,
         "pretrain": {"epochs": p["pretrain_epochs"], "lr": p["pretrain_lr"], "momentum": 0.9,
                      "batch_size": 2 * p["batch_size"], "weight_decay": 5e-4, "warmup_fraction": p["pretrain_warmup"]},
-        "metatest": {"steps_per_task": steps, "batch_size": p["batch_size"], "eval_every": p["eval_every"]},
+        "metatest": {"steps_per_task": steps, "batch_size": p["batch_size"], "eval_every": p["eval_every"],
+                     "checkpoint": p["checkpoints"] if pool else 0},
         "readout": {"steps": p["readout_steps"], "lr": 0.1, "max_train": p["readout_train"],
                     "max_test": p["readout_test"]},
         "metatrain": {"episodes": episodes, "curriculum_every": every, **curriculum,
                       "episode_steps": p["episode_steps_cap"] or steps, "meta_lr": 1e-3, "lr": 0.1,
-                      "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if experiment == "exp3" else 1,
+                      "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if pool else 1,
                       "save_every": 50, "checkpoint_minutes": 5.0, "parallel_episodes": 0, "objective": "huber"},
         "methods": method_options(p),
     }
@@ -219,7 +221,7 @@ def validate(config: dict) -> None:
                 "methods.lwf.temperature", "methods.ewc.fisher_samples", "methods.hat.s_max",
                 "methods.hat.embedding_clamp", "methods.maml.meta_iterations", "methods.maml.inner_steps",
                 "methods.maml.batch_size", "methods.rep.epochs"]
-    non_negative = ["seed", "metatrain.parallel_episodes", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
+    non_negative = ["seed", "metatrain.parallel_episodes", "metatest.checkpoint", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
                     "pretrain.warmup_fraction", "readout.max_train", "readout.max_test",
                     "methods.lwf.alpha", "methods.ewc.lambda", "methods.hat.c"]
     for key in positive + non_negative:

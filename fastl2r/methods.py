@@ -1,4 +1,4 @@
-"""A method is an update rule plugged into the one meta-test loop (``runner.run_metatest``).
+"""A method is an update rule plugged into the one meta-test loop (``metatest.run_metatest``).
 
 ``Method.prepare`` runs once per experiment (pre-train a backbone, meta-train, ...);
 ``Method.learner`` gives, per run, the object whose ``step`` trains the network on the
@@ -9,16 +9,15 @@ from __future__ import annotations
 import abc
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
 from .data import Batch, Task
 from .errors import UserError
+from .workspace import Workspace
 
-if TYPE_CHECKING:
-    from .runner import Experiment
 
 # name -> "module:Class"; the order is the default order of ``--methods``.
 METHODS: dict[str, str] = {
@@ -61,8 +60,8 @@ class Method(abc.ABC):
     name: ClassVar[str]
     needs_old_data: ClassVar[bool] = False  # the learner's ``step`` gets batches of earlier tasks
 
-    def __init__(self, experiment: "Experiment", options: dict):
-        self.experiment = experiment
+    def __init__(self, workspace: Workspace, options: dict):
+        self.workspace = workspace
         self.options = options
 
     def prepare(self) -> None:
@@ -78,7 +77,7 @@ class Method(abc.ABC):
 
     def initial_model(self, run: int) -> nn.Module:
         """The network a run starts from: by default the pre-trained ``w0``."""
-        return self.experiment.pretrained_model()
+        return self.workspace.pretrained_model()
 
     @abc.abstractmethod
     def learner(self, model: nn.Module, run: int) -> Learner:

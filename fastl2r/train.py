@@ -1,6 +1,6 @@
 """Command line: ``python -m fastl2r.train exp1 --suite fmnist --preset smoke``.
 
-A thin layer over ``fastl2r.runner.Experiment``.  Bad input prints one line on
+A thin layer over ``fastl2r.metatest.run_metatest``.  Bad input prints one line on
 stderr and exits with status 2.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from . import _io
 from .errors import UserError
 from .experiments import EXPERIMENTS, PRESETS, SUITES, build_config
 from .methods import METHODS, parse_methods
-from .runner import Experiment, save_results
+from .metatest import run_metatest, save_results
+from .workspace import Workspace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,8 +99,18 @@ def resumed_run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     return saved, methods
 
 
+def network_passes(config: dict) -> float:
+    """An upper bound of the forward+backward passes of a run (batch 64), from its configuration."""
+    mt, test = config["metatrain"], config["metatest"]
+    tasks = len(config["tasks"]["meta_test"])
+    passes = 2 * 200 * config["pretrain"]["epochs"] * (1 + mt["checkpoints"])       # ~25k images at 128
+    passes += mt["episodes"] * mt["episode_steps"] * tasks * (4 + mt["tbptt"][2])     # Algorithm 1, upper bound
+    passes += config["runs"] * len(config["methods"]) * test["steps_per_task"] * tasks * 2
+    return passes
+
+
 def estimate_seconds(config: dict, device: torch.device) -> float:
-    """A rough duration: one measured forward+backward, times the passes the run makes."""
+    """A rough duration: one measured forward+backward, times ``network_passes``."""
     from .models import ARCHITECTURES
 
     model = ARCHITECTURES[config["arch"]](3, [10]).to(device)
@@ -108,13 +119,11 @@ def estimate_seconds(config: dict, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(2):
         model(x).sum().backward()
-    per_pass = (time.perf_counter() - start) / 2
-    mt, test = config["metatrain"], config["metatest"]
-    tasks = len(config["tasks"]["meta_test"])
-    passes = 2 * 200 * config["pretrain"]["epochs"] * (1 + mt["checkpoints"])       # ~25k images at 128
-    passes += mt["episodes"] * mt["episode_steps"] * tasks * (4 + mt["tbptt"][2])     # Algorithm 1, upper bound
-    passes += config["runs"] * len(config["methods"]) * test["steps_per_task"] * tasks * 2
-    return passes * per_pass
+    return network_passes(config) * (time.perf_counter() - start) / 2
+
+
+# Runs of more passes than this on a CPU get their estimated duration printed first.
+LONG_CPU_RUN_PASSES = 200_000
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -136,15 +145,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config["methods"]["ours"]["metalearner"] = os.path.abspath(args.metalearner)
         device = resolve_device(args.device)
         out_dir = prepare_out_dir(out, config)
-        if config["preset"] == "paper" and device.type == "cpu":
+        if device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
             hours = estimate_seconds(config, device) / 3600
-            print(f"The paper preset on a CPU: roughly {hours:,.0f} hours (estimated). "
-                  "Use a GPU (--device cuda) or --preset quick/smoke.", file=sys.stderr)
+            print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
+                  "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
         _io.write_json(out_dir / "config.json", {**config, "methods_run": methods, "device": str(device)})
-        experiment = Experiment(config, data_root=args.data_root, out_dir=out_dir, device=device,
-                                progress=not args.no_progress)
+        workspace = Workspace(config, data_root=args.data_root, out_dir=out_dir, device=device,
+                              progress=not args.no_progress)
         start = time.perf_counter()
-        results = experiment.run(methods)
+        results = run_metatest(workspace, methods)
         results["seconds"] = round(time.perf_counter() - start, 1)
         paths = save_results(results, out_dir)
     except UserError as exc:

@@ -71,7 +71,7 @@ def multitask_loss(model: nn.Module, x, y, task):
 def sequential_metatraining(trainer, episodes: int) -> list[dict]:
     """Run ``episodes`` episodes of Algorithm 1 on ``trainer``'s θ, configuration, sampler and
     checkpoints, one at a time; θ is updated in place.  Returns one record per episode."""
-    exp, mt, meta, sampler = trainer.experiment, trainer.mt, trainer.meta, trainer.sampler
+    exp, mt, meta, sampler = trainer.workspace, trainer.mt, trainer.meta, trainer.sampler
     dtype = next(meta.parameters()).dtype
     optimizer = torch.optim.Adam(meta.parameters(), lr=mt["meta_lr"])
     specs = trainer.specs

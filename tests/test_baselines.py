@@ -16,7 +16,7 @@ from fastl2r.baselines.rep import Rep, representation_tasks
 from fastl2r.data import Batch
 from fastl2r.experiments import build_config
 from fastl2r.models import resnet8_gn
-from fastl2r.runner import Experiment
+from fastl2r.workspace import Workspace
 from fastl2r.train import main
 
 
@@ -290,7 +290,7 @@ def test_maml_outer_gradient_reaches_every_backbone_layer_of_a_resnet():
 
 def fmnist_experiment(experiment, tmp_path, *overrides):
     config = build_config(experiment, "fmnist", "smoke", overrides=list(overrides))
-    return Experiment(config, data_root=tmp_path, progress=False)
+    return Workspace(config, data_root=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("experiment,source,meta_train", [

@@ -27,9 +27,9 @@ import json
 import pytest
 import torch
 
-from fastl2r.meta.training import MetaTrainer
+from fastl2r.meta.trainer import MetaTrainer
 from fastl2r.ops.registry import BACKENDS
-from fastl2r.runner import Experiment
+from fastl2r.workspace import Workspace
 from fastl2r.train import main
 
 SMOKE = ["exp1", "--suite", "fmnist", "--preset", "smoke", "--methods", "ours", "--runs", "1",
@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
             config = json.loads((run_dir / "config.json").read_text())
             for key in ("methods_run", "device"):
                 config.pop(key)
-            initial = MetaTrainer(Experiment(config, data_root=data_root, progress=False)).meta.state_dict()
+            initial = MetaTrainer(Workspace(config, data_root=data_root, progress=False)).meta.state_dict()
             trained = torch.load(run_dir / "metalearner.pt", map_location="cpu", weights_only=False)["meta"]
             out[backend] = (json.loads((run_dir / "results.json").read_text()),
                             json.loads((run_dir / "metatrain.json").read_text()),

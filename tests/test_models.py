@@ -4,7 +4,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastl2r.models import ActivationTaps, ResNetGN, resnet14_gn, resnet32_gn
+from torch.func import functional_call
+
+from fastl2r.models import (ActivationTaps, ResNetGN, activation_means, record_activations, resnet14_gn, resnet32_gn,
+                            runs_slots, tapped_layers)
 
 
 def hand_count(n: int, in_channels: int, classes: int) -> int:
@@ -58,7 +61,7 @@ def test_block_shortcut_subsamples_and_zero_pads_channels():
 def test_taps_record_every_layer_mean_in_one_forward():
     torch.manual_seed(0)
     model = resnet14_gn(3, [5])
-    taps = ActivationTaps(model)
+    layers = tapped_layers(model)
     seen = {}
 
     def capture(module, inputs, output):  # an independent record of the same forward
@@ -67,12 +70,12 @@ def test_taps_record_every_layer_mean_in_one_forward():
     handles = [m.register_forward_hook(capture) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.GroupNorm))]
     x = torch.randn(6, 3, 32, 32)
-    with taps.record():
+    with record_activations(model, layers) as activations:
         model(x)
-    means = taps.means()
+    means = activation_means(layers, activations)
     modules = dict(model.named_modules())
-    assert len(taps.layers) == 2 * (1 + 2 * 3 * 2)  # convs and GroupNorms, no head
-    for layer in taps.layers:
+    assert len(layers) == 2 * (1 + 2 * 3 * 2)  # convs and GroupNorms, no head
+    for layer in layers:
         inp, out = seen[modules[layer.name]]
         torch.testing.assert_close(means[layer.in_offset:layer.in_offset + layer.in_channels], inp.mean((0, 2, 3)))
         torch.testing.assert_close(means[layer.out_offset:layer.out_offset + layer.out_channels], out.mean((0, 2, 3)))
@@ -82,9 +85,53 @@ def test_taps_record_every_layer_mean_in_one_forward():
         h.remove()
 
 
-def test_taps_record_only_inside_the_block_and_complain_when_empty():
+def test_recording_leaves_no_hook_and_complains_when_nothing_ran():
     model = resnet14_gn(1, [2])
-    taps = ActivationTaps(model)
+    layers = tapped_layers(model)
+    with record_activations(model, layers) as activations:
+        pass
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="forward pass"):
+        activation_means(layers, activations)
+    taps = ActivationTaps(model)  # the optimizer's taps: every forward until removed
     model(torch.randn(2, 1, 32, 32))
-    with pytest.raises(RuntimeError, match="taps.record"):
-        taps.means()
+    assert taps.means().shape == (sum(l.in_channels + l.out_channels for l in layers),)
+    taps.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_folded_slots_are_independent_networks():
+    """S networks folded into one (grouped convolutions, S·groups GroupNorm, per-slot zero-padded
+    shortcuts) give each slot's representation and activation means exactly as its own network."""
+    torch.manual_seed(0)
+    slots = 3
+    nets = [resnet14_gn(2, [3]).double() for _ in range(slots)]
+    for net in nets:
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    xs = [torch.randn(4, 2, 32, 32, dtype=torch.float64) for _ in range(slots)]
+    skeleton = nets[0]
+    folded = {name: torch.cat([dict(net.named_parameters())[name] for net in nets])
+              for name, _ in skeleton.named_parameters() if not name.startswith("heads")}
+    layers = tapped_layers(skeleton)
+    assert runs_slots(skeleton)
+    with record_activations(skeleton, layers) as activations:
+        h = functional_call(skeleton, folded, (torch.cat(xs, dim=1),))
+    means = activation_means(layers, activations)
+    for s, (net, x) in enumerate(zip(nets, xs)):
+        torch.testing.assert_close(h.view(4, slots, 64)[:, s], net(x), rtol=1e-12, atol=1e-12)
+        with record_activations(net, layers) as own:
+            net(x)
+        own_means = activation_means(layers, own)
+        for layer in layers:  # a layer's S·C means, slot by slot
+            for offset, channels in ((layer.in_offset, layer.in_channels), (layer.out_offset, layer.out_channels)):
+                start = slots * offset + s * channels
+                torch.testing.assert_close(means[start:start + channels], own_means[offset:offset + channels])
+
+
+def test_plain_layers_run_one_slot_only():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4))
+    assert not runs_slots(net) and runs_slots(resnet14_gn(1, [2]))

@@ -9,10 +9,7 @@ import torch
 import torch.nn as nn
 
 from fastl2r import profiling
-from fastl2r.data import Batch
-from fastl2r.meta import MetaLearner
-from fastl2r.meta.student import FunctionalStudent
-from fastl2r.meta.training import EpisodeState, MetaTrainer, inner_step
+from benchmarks.harness import InnerStepRig
 from fastl2r.readout import ReadoutSet
 
 
@@ -64,37 +61,10 @@ def nvtx_hidden(monkeypatch):
     assert not profiling.configure()
 
 
-class TinyNet(nn.Module):
-    """One conv and one GroupNorm, a 4-d representation, two heads."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(2, 4)
-        self.heads = nn.ModuleList([nn.Linear(4, 2), nn.Linear(4, 3)])
-
-    def forward(self, x):
-        return torch.relu(self.gn(self.conv(x))).mean((2, 3))
-
-
-def batch(n: int, classes: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g),
-                 torch.zeros(n, dtype=torch.long))
-
-
 def test_one_inner_step_opens_the_phases_in_order(recorder):
-    torch.manual_seed(0)
-    teacher = TinyNet()
-    meta = MetaLearner(teacher, conv_hidden=8, norm_hidden=4)
-    student = FunctionalStudent(TinyNet(), meta)
-    student.load(teacher)
-    ep = EpisodeState(teacher, student, meta.initial_state(), 1)
-    trainer = types.SimpleNamespace(meta=meta, optimizer=torch.optim.Adam(meta.parameters()))
-
-    loss = inner_step(ep, batch(4, 2, 1), batch(4, 3, 2), lr=0.1, loss_scale=300.0, theta=meta.snapshot())
-    assert MetaTrainer.meta_update(trainer, loss) == pytest.approx(loss.item())
-
+    rig = InnerStepRig("resnet8_gn", conv_hidden=4, norm_hidden=2)
+    recorder.events.clear()
+    rig.step()
     phases = ["teacher_step", "student_grad", "meta_update", "meta_loss", "meta_backward"]
     assert recorder.events == [(kind, name, "fastl2r") for name in phases for kind in ("open", "close")]
 
@@ -105,7 +75,8 @@ def test_readout_is_one_range(recorder):
                                  train_labels=lambda: torch.tensor([0, 1] * 3),
                                  test_images=lambda: torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8),
                                  test_labels=lambda: torch.tensor([0, 1] * 2))
-    ReadoutSet(task, "cpu", steps=2).evaluate(TinyNet())
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ReadoutSet(task, "cpu", steps=2).evaluate(net)
     assert recorder.opened() == ["readout"]
 
 

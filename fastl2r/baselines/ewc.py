@@ -129,10 +129,10 @@ class EWC(Method):
     name = "ewc"
 
     def prepare(self) -> None:
-        exp = self.experiment
+        ws = self.workspace
         start = time.perf_counter()
-        model, task = exp.pretrained_model().to(exp.device), exp.source_task()
-        self.fisher = task_fisher(model, 0, task, self.options["fisher_samples"], exp.config["seed"])
+        model, task = ws.pretrained_model().to(ws.device), ws.source_task()
+        self.fisher = task_fisher(model, 0, task, self.options["fisher_samples"], ws.config["seed"])
         values = torch.cat([f.flatten() for f in self.fisher.values()])
         self.facts = {"fisher_samples": min(self.options["fisher_samples"], len(task.train_index)),
                       "fisher_mean": values.mean().item(), "fisher_max": values.max().item(),
@@ -144,4 +144,4 @@ class EWC(Method):
     def learner(self, model: nn.Module, run: int) -> Learner:
         o = self.options
         return EWCLearner(model, o["lr"], o["lambda"], self.fisher, o["fisher_samples"],
-                          self.experiment.run_seed(run))
+                          self.workspace.run_seed(run))

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..data import Batch, Task, TaskSampler
 from ..methods import Learner, Method
 from ..models import ResNetGN
-from ..training import head_accuracy, steps_for_epochs, warmup_cosine
+from ..supervised import head_accuracy, steps_for_epochs, warmup_cosine
 
 COSH_CLAMP = 50.0  # Serrà et al.'s ``thres_cosh``: keeps cosh(s·e) finite
 
@@ -238,18 +238,18 @@ class HAT(Method):
 
     def network(self) -> HATNetwork:
         """A HAT network with Task A's head and embedding (weights not loaded)."""
-        exp = self.experiment
-        return HATNetwork(exp.new_model([exp.source_task().num_classes]))
+        ws = self.workspace
+        return HATNetwork(ws.new_model([ws.source_task().num_classes]))
 
     def pretrained_state(self) -> dict:
         """Task A pre-trained under HAT (cached like ``w0``, keyed also by the HAT options)."""
-        exp = self.experiment
-        index = exp.metatest_checkpoint
+        ws = self.workspace
+        index = ws.metatest_checkpoint
         o = self.options
 
         def build() -> dict:
-            task, p = exp.source_task(), exp.config["pretrain"]
-            seed = exp.config["seed"] * 1000 + index
+            task, p = ws.source_task(), ws.config["pretrain"]
+            seed = ws.config["seed"] * 1000 + index
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 net = self.network()
@@ -263,8 +263,8 @@ class HAT(Method):
                                         lr=p["lr"], momentum=p["momentum"])
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: warmup_cosine(s, steps, p["warmup_fraction"]))
-            sampler = TaskSampler([task], p["batch_size"], device=exp.device, seed=seed)
-            bar = tqdm(range(steps), desc=f"pre-training HAT w0 on {task.name}", disable=not exp.progress,
+            sampler = TaskSampler([task], p["batch_size"], device=ws.device, seed=seed)
+            bar = tqdm(range(steps), desc=f"pre-training HAT w0 on {task.name}", disable=not ws.progress,
                        leave=False, dynamic_ncols=True)
             for step in bar:
                 loss = attention.step(sampler.sample(), optimizer)
@@ -274,11 +274,11 @@ class HAT(Method):
             gates = net.gates(0, o["s_max"]).detach()
             return {"model": {k: v.cpu() for k, v in net.state_dict().items()}, "task": task.name, "steps": steps,
                     "seconds": round(time.perf_counter() - start, 1),
-                    "test_accuracy": head_accuracy(GatedView(net, gates), task, 0, exp.device),
+                    "test_accuracy": head_accuracy(GatedView(net, gates), task, 0, ws.device),
                     "task_a_units_used": (gates > 0.5).float().mean().item()}
 
         extra = {k: o[k] for k in ("s_max", "c", "embedding_clamp")}
-        return exp.cached_state("hat_w0", index, build, extra=extra)
+        return ws.cached_state("hat_w0", index, build, extra=extra)
 
     def prepare(self) -> None:
         state = self.pretrained_state()
@@ -293,6 +293,6 @@ class HAT(Method):
         return net
 
     def learner(self, model: nn.Module, run: int) -> Learner:
-        m = self.experiment.config["metatest"]
+        m = self.workspace.config["metatest"]
         return HATLearner(model, self.options["lr"], self.options, m["batch_size"], m["steps_per_task"])
 

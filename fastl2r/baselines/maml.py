@@ -59,23 +59,23 @@ class MAML(SGDFromBackbone):
     facts_key = "metatrain"
 
     def cache_key(self) -> dict:
-        return {"meta_train": self.experiment.config["tasks"]["meta_train"],
+        return {"meta_train": self.workspace.config["tasks"]["meta_train"],
                 "maml": {k: v for k, v in self.options.items() if k != "lr"}}
 
     def build_backbone(self, index: int) -> dict:
-        exp, o = self.experiment, self.options
-        model = exp.pretrained_model(index).to(exp.device)
+        ws, o = self.workspace, self.options
+        model = ws.pretrained_model(index).to(ws.device)
         params = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
         optimizer = torch.optim.Adam(params, lr=o["meta_lr"])
-        spec = exp.config["tasks"]["meta_train"][0]
-        seed = exp.config["seed"] * 1_000_003 + index
+        spec = ws.config["tasks"]["meta_train"][0]
+        seed = ws.config["seed"] * 1_000_003 + index
         start, losses = time.perf_counter(), []
-        bar = tqdm(range(o["meta_iterations"]), desc="meta-training MAML", disable=not exp.progress,
+        bar = tqdm(range(o["meta_iterations"]), desc="meta-training MAML", disable=not ws.progress,
                    leave=False, dynamic_ncols=True)
         for iteration in bar:
             rng = random.Random(seed + iteration)
-            task = exp.task(spec, exp.draw_classes([spec], rng)[0])
-            sampler = TaskSampler([task], o["batch_size"], device=exp.device, seed=seed + iteration)
+            task = ws.task(spec, ws.draw_classes([spec], rng)[0])
+            sampler = TaskSampler([task], o["batch_size"], device=ws.device, seed=seed + iteration)
             loss = query_loss(model, sampler.sample(), sampler.sample(), task.num_classes,
                               o["inner_steps"], o["inner_lr"])
             if not torch.isfinite(loss):

@@ -13,26 +13,23 @@ the meta-test keeps the backbone and Task A's head and drops the meta-training h
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..data import Task
-from ..training import head_accuracy, steps_for_epochs, train_supervised
+from ..supervised import head_accuracy, steps_for_epochs, train_supervised
+from ..workspace import Workspace
 from .sgd import SGDFromBackbone
 
-if TYPE_CHECKING:
-    from ..runner import Experiment
 
-
-def representation_tasks(experiment: "Experiment") -> list[Task]:
+def representation_tasks(workspace: Workspace) -> list[Task]:
     """Task A, then one task per (dataset, image part) holding every meta-training class."""
     pools: dict[tuple[str, str], set[int]] = {}
-    for spec in experiment.config["tasks"]["meta_train"]:
+    for spec in workspace.config["tasks"]["meta_train"]:
         classes = spec["classes"] if "classes" in spec else spec["pool"]
         pools.setdefault((spec["dataset"], spec["train_part"]), set()).update(classes)
-    return [experiment.source_task()] + [
-        experiment.task({"dataset": dataset, "train_part": part}, sorted(classes))
+    return [workspace.source_task()] + [
+        workspace.task({"dataset": dataset, "train_part": part}, sorted(classes))
         for (dataset, part), classes in pools.items()]
 
 
@@ -41,23 +38,23 @@ class Rep(SGDFromBackbone):
     facts_key = "pretraining"
 
     def cache_key(self) -> dict:
-        return {"meta_train": self.experiment.config["tasks"]["meta_train"], "epochs": self.options["epochs"]}
+        return {"meta_train": self.workspace.config["tasks"]["meta_train"], "epochs": self.options["epochs"]}
 
     def build_backbone(self, index: int) -> dict:
-        exp, o = self.experiment, self.options
-        tasks, p = representation_tasks(exp), exp.config["pretrain"]
-        seed = exp.config["seed"] * 1000 + index
+        ws, o = self.workspace, self.options
+        tasks, p = representation_tasks(ws), ws.config["pretrain"]
+        seed = ws.config["seed"] * 1000 + index
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = exp.new_model([t.num_classes for t in tasks])
+            model = ws.new_model([t.num_classes for t in tasks])
         steps = steps_for_epochs(tasks, o["epochs"], p["batch_size"])
         start = time.perf_counter()
         train_supervised(model, tasks, steps=steps, lr=p["lr"], momentum=p["momentum"],
                          weight_decay=p["weight_decay"], batch_size=p["batch_size"],
-                         warmup_fraction=p["warmup_fraction"], device=exp.device, seed=seed,
-                         desc="pre-training Rep on " + " + ".join(t.name for t in tasks), progress=exp.progress)
+                         warmup_fraction=p["warmup_fraction"], device=ws.device, seed=seed,
+                         desc="pre-training Rep on " + " + ".join(t.name for t in tasks), progress=ws.progress)
         kept = {k: v.cpu() for k, v in model.state_dict().items()
                 if not k.startswith("heads.") or k.startswith("heads.0.")}
         return {"model": kept, "tasks": [t.name for t in tasks], "steps": steps,
                 "seconds": round(time.perf_counter() - start, 1),
-                "test_accuracy": [head_accuracy(model, t, i, exp.device) for i, t in enumerate(tasks)]}
+                "test_accuracy": [head_accuracy(model, t, i, ws.device) for i, t in enumerate(tasks)]}

@@ -62,8 +62,8 @@ class SGDFromBackbone(Method):
         """What shapes the backbone besides what shapes ``w0`` (the cache key's ``extra``)."""
 
     def backbone_state(self) -> dict:
-        index = self.experiment.metatest_checkpoint
-        return self.experiment.cached_state(self.name, index, lambda: self.build_backbone(index),
+        index = self.workspace.metatest_checkpoint
+        return self.workspace.cached_state(self.name, index, lambda: self.build_backbone(index),
                                             extra=self.cache_key())
 
     def prepare(self) -> None:
@@ -73,7 +73,7 @@ class SGDFromBackbone(Method):
         return {self.facts_key: self.facts}
 
     def initial_model(self, run: int) -> nn.Module:
-        model = self.experiment.new_model([self.experiment.source_task().num_classes])
+        model = self.workspace.new_model([self.workspace.source_task().num_classes])
         model.load_state_dict(self.backbone_state()["model"])
         return model
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..data import Batch
 from ..methods import Learner, Method
-from ..training import join, multitask_loss
+from ..supervised import join, multitask_loss
 from .sgd import SGDLearner
 
 

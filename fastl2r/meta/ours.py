@@ -58,18 +58,18 @@ class Ours(Method):
     name = "ours"
 
     def prepare(self) -> None:
-        exp = self.experiment
+        ws = self.workspace
         path = self.options.get("metalearner") or ""
-        model = exp.new_model()
-        lr = exp.config["metatrain"]["lr"]
+        model = ws.new_model()
+        lr = ws.config["metatrain"]["lr"]
         self.history, self.training = [], {}
         if path:
-            self.meta = load_metalearner(path, model, exp.device, lr=lr)
+            self.meta = load_metalearner(path, model, ws.device, lr=lr)
         else:
-            trainer = MetaTrainer(exp, run_dir=exp.out_dir)
-            if exp.out_dir is not None:
-                trainer.resume(exp.out_dir)
-            self.meta = trainer.train(progress=exp.progress)
+            trainer = MetaTrainer(ws, run_dir=ws.out_dir)
+            if ws.out_dir is not None:
+                trainer.resume(ws.out_dir)
+            self.meta = trainer.train(progress=ws.progress)
             self.history = trainer.progress.history
             p = trainer.progress
             self.training = {"episodes": p.episode, "inner_steps": p.inner_steps, "nonfinite_episodes": p.nonfinite,
@@ -93,5 +93,5 @@ class Ours(Method):
         return paths
 
     def learner(self, model: nn.Module, run: int) -> Learner:
-        every = self.experiment.config["metatest"]["eval_every"] if run == 0 else 0
+        every = self.workspace.config["metatest"]["eval_every"] if run == 0 else 0
         return OursLearner(model, self.meta, self.deltas if every else None, every)

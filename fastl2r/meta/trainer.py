@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -26,12 +26,10 @@ from ..errors import UserError
 from ..experiments import curriculum_at
 from ..models import runs_slots, tapped_layers
 from ..profiling import nvtx_range
+from ..workspace import Workspace
 from .metalearner import MetaLearner, MetaState
 from .optimizer import save_metalearner
 from .unroll import END_REASONS, RUNNING, SlotState, Unroll
-
-if TYPE_CHECKING:
-    from ..runner import Experiment
 
 CHECKPOINT = "metatrain_checkpoint.pt"
 METALEARNER = "metalearner.pt"
@@ -112,15 +110,17 @@ class MaskedAdam:
 
 
 class MetaTrainer:
-    """Runs Algorithm 1 for ``config["metatrain"]`` episodes on an ``Experiment``'s tasks."""
+    """Runs Algorithm 1 for ``config["metatrain"]`` episodes on a workspace's tasks (any object with
+    ``Workspace``'s ``config``, ``device``, ``new_model``, ``source_task``, ``task``, ``draw_classes``
+    and ``pretrained_state`` will do)."""
 
-    def __init__(self, experiment: "Experiment", meta: Optional[MetaLearner] = None,
+    def __init__(self, workspace: Workspace, meta: Optional[MetaLearner] = None,
                  run_dir: Optional[Path] = None):
-        self.experiment = experiment
-        self.config = experiment.config
+        self.workspace = workspace
+        self.config = workspace.config
         self.mt = self.config["metatrain"]
-        self.device = experiment.device
-        self.skeleton = experiment.new_model()
+        self.device = workspace.device
+        self.skeleton = workspace.new_model()
         if meta is None:
             with torch.random.fork_rng(devices=[]):  # θ's initialisation follows the run's seed
                 torch.manual_seed(self.config["seed"])
@@ -138,9 +138,9 @@ class MetaTrainer:
         self.progress = TrainerProgress()
         self.run_dir = run_dir
         self.specs = self.config["tasks"]["meta_train"]
-        self.source = experiment.source_task()
+        self.source = workspace.source_task()
         self.sampler = SlotSampler(
-            [self.source] + [experiment.task(spec, spec["classes"] if "classes" in spec else spec["pool"])
+            [self.source] + [workspace.task(spec, spec["classes"] if "classes" in spec else spec["pool"])
                              for spec in self.specs],
             self.mt["batch_size"], device=self.device)
         self.unroll = Unroll(self.skeleton, self.meta, self.sampler, tapped_layers(self.skeleton, self.meta.head_prefix),
@@ -165,7 +165,7 @@ class MetaTrainer:
     def _checkpoint_pool(self) -> dict:
         """Every pre-trained ``w0`` (Experiment 3's pool) on the device, grouped like the slots."""
         if self._pool is None:
-            states = [self.experiment.pretrained_state(i)["model"] for i in range(self.mt["checkpoints"])]
+            states = [self.workspace.pretrained_state(i)["model"] for i in range(self.mt["checkpoints"])]
             prefix = self.meta.head_prefix + ".0."
             self._pool = {
                 "flats": [torch.stack(group) for group in zip(*(self.meta.flatten(s) for s in states))],
@@ -215,8 +215,8 @@ class MetaTrainer:
             seed = self.episode_seed(episode)
             rng = random.Random(seed)
             checkpoint = rng.randrange(self.mt["checkpoints"])
-            tasks = [self.experiment.task(spec, classes)
-                     for spec, classes in zip(self.specs, self.experiment.draw_classes(self.specs, rng))]
+            tasks = [self.workspace.task(spec, classes)
+                     for spec, classes in zip(self.specs, self.workspace.draw_classes(self.specs, rng))]
             threshold, tbptt = curriculum_at(self.config, episode)
             self.running[slot] = RunningEpisode(episode, checkpoint, threshold, tbptt)
             checkpoints.append(checkpoint)

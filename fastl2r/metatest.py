@@ -1,0 +1,173 @@
+"""The meta-test protocol (DESIGN §1.5–1.6): every method from ``w0`` on the new task(s) of each
+run, readouts every ``eval_every`` steps, and the summary that becomes ``results.json``.
+
+    workspace = Workspace(build_config("exp1", suite="fmnist", preset="smoke"), device="cpu")
+    results = run_metatest(workspace, ["sgd", "teacher"])      # results.json's content
+    save_results(results, "runs/example")
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import _io
+from .data import Task, TaskSampler
+from .methods import Method, method_class
+from .readout import ReadoutSet
+from .workspace import Workspace
+
+
+@dataclass
+class TaskPair:
+    """A task as trained on, and the (possibly smaller) set its readout uses."""
+
+    train: Task
+    readout: ReadoutSet
+
+    @property
+    def name(self) -> str:
+        return self.train.name
+
+
+def task_pair(ws: Workspace, spec: dict, classes: Sequence[int], seed: int = 0) -> TaskPair:
+    ro = ws.config["readout"]
+    return TaskPair(ws.task(spec, classes), ReadoutSet(ws.task(spec, classes, readout=True, seed=seed), ws.device,
+                                                       steps=ro["steps"], lr=ro["lr"], seed=seed))
+
+
+def eval_steps(config: dict) -> list[int]:
+    """The steps at which every task seen so far is read out: every ``eval_every`` and each task switch."""
+    m = config["metatest"]
+    tasks = len(config["tasks"]["meta_test"])
+    total = m["steps_per_task"] * tasks
+    return sorted(set(range(0, total + 1, m["eval_every"])) | {m["steps_per_task"] * k for k in range(tasks + 1)})
+
+
+def run_tasks(ws: Workspace, run: int) -> list[TaskPair]:
+    """Task A then the new tasks of run ``run`` (drawn with the run's seed; same for every method)."""
+    seed = ws.run_seed(run)
+    specs = ws.config["tasks"]["meta_test"]
+    classes = ws.draw_classes(specs, random.Random(seed))
+    return [task_pair(ws, ws.source_spec, ws.source_spec["classes"], seed=seed)] + [
+        task_pair(ws, spec, cls, seed=seed) for spec, cls in zip(specs, classes)]
+
+
+def run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
+    """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``.
+    The global RNG (new heads' initialisation) is seeded by the run, so every method of a run
+    starts its new heads from the same weights and a run repeats exactly."""
+    with torch.random.fork_rng(devices=[ws.device] if ws.device.type == "cuda" else []):
+        torch.manual_seed(ws.run_seed(run))
+        return _run_method(ws, method, run, tasks)
+
+
+def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
+    m = ws.config["metatest"]
+    steps, every = m["steps_per_task"], m["eval_every"]
+    model = method.initial_model(run).to(ws.device)
+    learner = method.learner(model, run)
+    seed = ws.run_seed(run)
+    curve: dict[int, dict[int, tuple]] = {}
+
+    def evaluate(step: int, task_indices: Sequence[int]) -> None:
+        for t in task_indices:
+            r = tasks[t].readout.evaluate(learner.features(t), learner.head(t))
+            curve.setdefault(step, {})[t] = (r.readout, r.original)
+
+    new_tasks = tasks[1:]
+    total = steps * len(new_tasks)
+    bar = tqdm(total=total, desc=f"{method.name} run {run + 1}", disable=not ws.progress, leave=False,
+               dynamic_ncols=True)
+    for phase, pair in enumerate(new_tasks):
+        index = phase + 1
+        if model.add_head(pair.train.num_classes) != index:
+            raise RuntimeError(f"{method.name}: the network should have {index} heads before task {index + 1}")
+        learner.begin_task(index, pair.train)
+        evaluate(phase * steps, range(index + 1) if phase == 0 else [index])
+        new = TaskSampler([pair.train], m["batch_size"], device=ws.device, seed=seed * 10 + index)
+        old = (TaskSampler([p.train for p in tasks[:index]], m["batch_size"], device=ws.device,
+                           seed=seed * 10 + index + 5) if method.needs_old_data else None)
+        for step in range(1, steps + 1):
+            learner.step(new.sample(), old.sample() if old is not None else None)
+            bar.update(1)
+            global_step = phase * steps + step
+            if global_step % every == 0 or step == steps:
+                evaluate(global_step, range(index + 1))
+    bar.close()
+    return curve
+
+
+def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
+    """Meta-test ``methods`` over every run; returns the ``results.json`` content."""
+    instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
+    for method in instances:
+        method.prepare()
+    curves = {name: [] for name in methods}
+    task_names = []
+    for run in range(ws.config["runs"]):
+        tasks = run_tasks(ws, run)
+        task_names.append([t.name for t in tasks])
+        for method in instances:
+            curves[method.name].append(run_method(ws, method, run, tasks))
+    results = summarise(ws.config, curves, task_names)
+    for method in instances:
+        results["methods"][method.name]["info"] = method.info()
+        if ws.out_dir is not None:
+            method.write_artifacts(ws.out_dir)
+    return results
+
+
+def summarise(config: dict, curves: dict[str, list[dict]], task_names: list[list[str]]) -> dict:
+    steps = eval_steps(config)
+    n_tasks = len(task_names[0])
+    out = {"experiment": config["experiment"], "suite": config["suite"],
+           "preset": config["preset"], "eval_steps": steps, "task_names": task_names, "methods": {}}
+    for name, runs in curves.items():
+        entry = {"readout": {}, "original": {}, "runs": {"readout": {}, "original": {}}}
+        for kind, slot in (("readout", 0), ("original", 1)):
+            for t in range(n_tasks):
+                values = np.array([[_value(run, s, t, slot) for s in steps] for run in runs], dtype=float)
+                key = f"task{t + 1}"
+                seen = ~np.isnan(values).any(axis=0)  # a task is not seen before it starts
+                entry[kind][key] = {
+                    "mean": [float(v) if ok else None for v, ok in zip(values.mean(0), seen)],
+                    "std": [float(v) if ok else None for v, ok in zip(values.std(0), seen)],
+                }
+                entry["runs"][kind][key] = [[None if np.isnan(v) else float(v) for v in row] for row in values]
+        out["methods"][name] = entry
+    return out
+
+
+def _value(curve: dict, step: int, task: int, slot: int) -> float:
+    value = curve.get(step, {}).get(task)
+    return float("nan") if value is None or value[slot] is None else value[slot]
+
+
+def curves_csv(results: dict) -> str:
+    """``results`` in long form: one line per method, kind, task, step and run."""
+    lines = ["method,kind,task,step,run,accuracy"]
+    steps = results["eval_steps"]
+    for name, entry in results["methods"].items():
+        for kind, tasks in entry["runs"].items():
+            for task, runs in tasks.items():
+                for run, row in enumerate(runs):
+                    for step, value in zip(steps, row):
+                        if value is not None:
+                            lines.append(f"{name},{kind},{task},{step},{run},{value:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def save_results(results: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``results.json``, ``curves.csv`` and the figures into ``out_dir`` (atomically)."""
+    from .plots import write_figures
+
+    out_dir = Path(out_dir)
+    _io.write_json(out_dir / "results.json", results)
+    _io.write_text(out_dir / "curves.csv", curves_csv(results))
+    return [out_dir / "results.json", out_dir / "curves.csv"] + write_figures(results, out_dir)

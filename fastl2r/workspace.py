@@ -1,0 +1,149 @@
+"""What a method or the meta-trainer may ask of an experiment: its configuration, data, tasks,
+class draws, networks and cached pre-trained checkpoints — and nothing of the meta-test loop.
+
+``Workspace(config, device=...)`` is cheap: datasets load and checkpoints train on first use,
+and every pre-trained network is cached on disk under ``<data root>/checkpoints/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import _io
+from .data import ImageDataset, Task, load_dataset, make_task, resolve_data_root
+from .errors import UserError
+from .models import ARCHITECTURES
+from .supervised import head_accuracy, steps_for_epochs, train_supervised
+
+
+def spec_key(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Workspace:
+    """Data, networks and cached checkpoints of one configuration (``experiments.build_config``);
+    ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show."""
+
+    def __init__(self, config: dict, *, data_root=None, out_dir=None, device: str | torch.device = "cpu",
+                 progress: bool = True, download: bool = True):
+        self.config = config
+        self.device = torch.device(device)
+        self.data_root = resolve_data_root(data_root)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.download = download
+        self._datasets: dict[str, ImageDataset] = {}
+        self._states: dict[tuple, dict] = {}
+
+    # ----- data -----
+    def dataset(self, name: str) -> ImageDataset:
+        if name not in self._datasets:
+            self._datasets[name] = load_dataset(name, self.data_root, download=self.download,
+                                                progress=self.progress)
+        return self._datasets[name]
+
+    def task(self, spec: dict, classes: Sequence[int], *, readout: bool = False, seed: int = 0) -> Task:
+        """The task of ``spec``'s dataset with ``classes``; ``readout`` applies the preset's subset sizes."""
+        ro = self.config["readout"]
+        return make_task(self.dataset(spec["dataset"]), tuple(classes), train_part=spec["train_part"],
+                         max_train=(ro["max_train"] or None) if readout else None,
+                         max_test=(ro["max_test"] or None) if readout else None, seed=seed)
+
+    def draw_classes(self, specs: Sequence[dict], rng: random.Random) -> list[tuple[int, ...]]:
+        """Classes of each new task: fixed ones, or ``ways`` drawn from the pool, disjoint
+        from the other tasks drawn from the same pool in this call."""
+        used: set[int] = set()
+        out = []
+        for spec in specs:
+            if "classes" in spec:
+                out.append(tuple(spec["classes"]))
+                continue
+            free = [c for c in spec["pool"] if c not in used]
+            if len(free) < spec["ways"]:
+                raise UserError(f"cannot draw {spec['ways']} classes from pool {spec['pool']} "
+                                f"({len(free)} left after the other tasks)")
+            classes = tuple(sorted(rng.sample(free, spec["ways"])))
+            used.update(classes)
+            out.append(classes)
+        return out
+
+    @property
+    def source_spec(self) -> dict:
+        return self.config["tasks"]["source"]
+
+    def source_task(self, *, readout: bool = False, seed: int = 0) -> Task:
+        return self.task(self.source_spec, self.source_spec["classes"], readout=readout, seed=seed)
+
+    def run_seed(self, run: int) -> int:
+        """The seed of meta-test run ``run`` (its class draws, heads and batches)."""
+        return self.config["seed"] * 1000 + run
+
+    # ----- networks and the pre-trained w0 -----
+    def new_model(self, head_classes: Sequence[int] = ()) -> nn.Module:
+        channels = self.dataset(self.source_spec["dataset"]).channels
+        return ARCHITECTURES[self.config["arch"]](channels, head_classes).to(self.device)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_root / "checkpoints"
+
+    def cached_state(self, kind: str, index: int, build: Callable[[], dict], extra: Optional[dict] = None) -> dict:
+        """A network state of ``kind`` (``w0``, a baseline's backbone, ...) from the disk cache, or
+        ``build()`` it and cache it.  The key holds everything that shapes it: architecture, Task A,
+        pre-training settings, seed, ``index`` and ``extra``; a JSON file beside it holds the facts."""
+        c = self.config
+        key = spec_key({"kind": kind, "arch": c["arch"], "source": self.source_spec, "pretrain": c["pretrain"],
+                        "seed": c["seed"], "index": index, "extra": extra})
+        path = self.cache_dir / f"{kind}-{c['suite']}-{c['preset']}-seed{c['seed']}-{index}-{key}.pt"
+        memo = (kind, index, key)
+        if memo in self._states:
+            return self._states[memo]
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated or foreign file
+                raise UserError(f"the cached network {path} cannot be read ({exc}); delete it to rebuild it") from None
+        else:
+            state = build()
+            _io.torch_save(state, path)
+            _io.write_json(path.with_suffix(".json"), {k: v for k, v in state.items() if k != "model"})
+        self._states[memo] = state
+        return state
+
+    def pretrained_state(self, index: int = 0) -> dict:
+        """``w0``: the network pre-trained on Task A (head 0), cached on disk; ``index`` picks one
+        of Experiment 3's checkpoints (each its own seed)."""
+        def build() -> dict:
+            task = self.source_task()
+            p = self.config["pretrain"]
+            seed = self.config["seed"] * 1000 + index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = self.new_model([task.num_classes])
+            steps = steps_for_epochs([task], p["epochs"], p["batch_size"])
+            train_supervised(model, [task], steps=steps, lr=p["lr"], momentum=p["momentum"],
+                             weight_decay=p["weight_decay"], batch_size=p["batch_size"],
+                             warmup_fraction=p["warmup_fraction"], device=self.device, seed=seed,
+                             desc=f"pre-training w0 #{index} on {task.name}", progress=self.progress)
+            return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "task": task.name,
+                    "steps": steps, "test_accuracy": head_accuracy(model, task, 0, self.device)}
+
+        return self.cached_state("w0", index, build)
+
+    @property
+    def metatest_checkpoint(self) -> int:
+        """Which pre-trained checkpoint the meta-test starts from (``metatest.checkpoint``: Experiment 3
+        takes one unseen in meta-training)."""
+        return self.config["metatest"]["checkpoint"]
+
+    def pretrained_model(self, index: Optional[int] = None) -> nn.Module:
+        state = self.pretrained_state(self.metatest_checkpoint if index is None else index)
+        model = self.new_model([self.source_task().num_classes])
+        model.load_state_dict(state["model"])
+        return model
