@@ -1,0 +1,115 @@
+"""The headline comparison of a run: per method, forgetting of Task A's representation and the new
+task's readout at the horizon, and their paired differences to a baseline with 95% confidence
+intervals (runs are paired: every method of a run sees the same tasks, seeds and batches).
+
+    python -m fastl2r.analysis RUN_DIR [--baseline sgd]
+
+prints the table as Markdown (numbers in readout-accuracy points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from scipy import stats
+
+from .errors import UserError
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over runs with its two-sided confidence interval (Student's t; none for one run)."""
+
+    mean: float
+    low: float
+    high: float
+    runs: int
+
+    def format(self, signed: bool = False) -> str:
+        """``mean [low, high]`` to one decimal (signed for differences); the mean alone for one run."""
+        spec = "+.1f" if signed else ".1f"
+        if self.runs < 2:
+            return format(self.mean, spec)
+        return f"{self.mean:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean of ``values`` and its t-interval: mean ± t_{(1+c)/2, n−1} · s / √n."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("an interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def _endpoints(series: Sequence[Optional[float]]) -> tuple[float, float]:
+    seen = [v for v in series if v is not None]
+    return seen[0], seen[-1]
+
+
+def forgetting(results: dict, method: str, task: str = "task1") -> list[float]:
+    """Per run, ``task``'s readout accuracy when it was first read minus at the last step, in points."""
+    runs = results["methods"][method]["runs"]["readout"][task]
+    return [100 * (first - last) for first, last in map(_endpoints, runs)]
+
+
+def final_readout(results: dict, method: str, task: str) -> list[float]:
+    """Per run, ``task``'s readout accuracy at the last step, in points."""
+    return [100 * _endpoints(run)[1] for run in results["methods"][method]["runs"]["readout"][task]]
+
+
+def headline(results: dict, baseline: str = "sgd") -> str:
+    """Markdown: per method, Task A forgetting and the last task's final readout (mean and 95% CI
+    over runs), and both as paired differences to ``baseline``."""
+    methods = list(results["methods"])
+    if baseline not in methods:
+        raise UserError(f"the run has no method {baseline!r} to compare with; it has: {', '.join(methods)}")
+    last_task = f"task{len(results['task_names'][0])}"
+    base_forget, base_final = forgetting(results, baseline), final_readout(results, baseline, last_task)
+    lines = [f"| method | Task A forgetting | {last_task} readout at the end | forgetting − {baseline} "
+             f"| {last_task} readout − {baseline} |", "|---|---|---|---|---|"]
+    for name in methods:
+        forget, final = forgetting(results, name), final_readout(results, name, last_task)
+        paired = [interval([a - b for a, b in zip(forget, base_forget, strict=True)]),
+                  interval([a - b for a, b in zip(final, base_final, strict=True)])]
+        cells = [interval(forget).format(), interval(final).format()]
+        cells += ["—" if name == baseline else p.format(signed=True) for p in paired]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    runs = len(base_forget)
+    lines.append("")
+    lines.append(f"Mean over {runs} run{'s' if runs != 1 else ''} [{CONFIDENCE:.0%} confidence interval, "
+                 "Student's t]; forgetting = readout when first read − readout at the end, in points.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastl2r.analysis", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run folder holding results.json")
+    parser.add_argument("--baseline", default="sgd", help="the method paired differences are taken to (default sgd)")
+    args = parser.parse_args(argv)
+    path = Path(args.run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        print(headline(results, args.baseline))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read the results of {args.run_dir} ({exc}); pass a finished run folder", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

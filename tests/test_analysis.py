@@ -1,0 +1,47 @@
+"""The headline comparison: confidence intervals and paired differences against hand-computed values."""
+import json
+import math
+
+import pytest
+
+from fastl2r.analysis import forgetting, headline, interval, main
+
+
+def test_interval_is_students_t():
+    # mean 3, s = √2.5, t(0.975, 4) = 2.776445105 (tables): half-width 2.776445105·√2.5/√5 = 1.963243
+    iv = interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert iv.mean == 3.0 and iv.runs == 5
+    assert iv.high - 3.0 == pytest.approx(1.963243, abs=1e-6) and 3.0 - iv.low == pytest.approx(1.963243, abs=1e-6)
+    single = interval([2.5])
+    assert single.mean == 2.5 and math.isnan(single.low) and single.format() == "2.5"
+
+
+def results(**methods):
+    """A results.json of two tasks read at steps 0, 10, 20 (task 2 from step 0)."""
+    def entry(task1, task2):
+        return {"runs": {"readout": {"task1": task1, "task2": task2}}}
+    return {"task_names": [["A", "B"]] * 2, "eval_steps": [0, 10, 20],
+            "methods": {name: entry(*runs) for name, runs in methods.items()}}
+
+
+RESULTS = results(sgd=([[0.90, 0.85, 0.80], [0.88, 0.84, 0.78]], [[0.50, 0.80, 0.90], [0.50, 0.82, 0.92]]),
+                  ours=([[0.90, 0.88, 0.86], [0.88, 0.87, 0.85]], [[0.50, 0.79, 0.89], [0.50, 0.80, 0.91]]))
+
+
+def test_forgetting_is_first_minus_last_readout_per_run():
+    assert forgetting(RESULTS, "sgd") == pytest.approx([10.0, 10.0])
+    assert forgetting(RESULTS, "ours") == pytest.approx([4.0, 3.0])
+
+
+def test_headline_pairs_runs(tmp_path, capsys):
+    table = headline(RESULTS)
+    ours = next(line for line in table.splitlines() if line.startswith("| ours"))
+    # paired forgetting differences: 4 − 10 = −6 and 3 − 10 = −7 → mean −6.5, s = √0.5,
+    # t(0.975, 1) = 12.7062047: half-width 12.7062047·√0.5/√2 = 6.353102
+    assert "-6.5 [-12.9, -0.1]" in ours
+    # final task-2 readouts: ours 89, 91 vs sgd 90, 92 → −1.0 both runs, zero spread
+    assert "-1.0 [-1.0, -1.0]" in ours
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    assert main([str(tmp_path)]) == 0 and "| sgd |" in capsys.readouterr().out
+    assert main([str(tmp_path), "--baseline", "nope"]) == 2
+    assert "no method 'nope'" in capsys.readouterr().err
