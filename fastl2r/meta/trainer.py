@@ -87,17 +87,17 @@ class MaskedAdam:
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], apply: torch.Tensor) -> None:
+        """Every state tensor is updated in place, so a captured step replays on the same memory."""
         beta1, beta2 = self.betas
-        count = self.count + apply.to(self.count.dtype)
-        step_size = self.lr / (1 - beta1 ** count)
-        bias2_sqrt = (1 - beta2 ** count).sqrt()
+        self.count.add_(apply.to(self.count.dtype))
+        step_size = self.lr / (1 - beta1 ** self.count)
+        bias2_sqrt = (1 - beta2 ** self.count).sqrt()
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
             m_new = m.lerp(g, 1 - beta1)
             v_new = (v * beta2).addcmul_(g, g, value=1 - beta2)
             p_new = p - step_size * m_new / (v_new.sqrt() / bias2_sqrt + self.eps)
             for old, new in ((m, m_new), (v, v_new), (p, p_new)):
                 old.copy_(torch.where(apply, new, old))
-        self.count = count
 
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "count": self.count}
@@ -106,7 +106,7 @@ class MaskedAdam:
         for mine, saved in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
             for t, s in zip(mine, saved):
                 t.copy_(s)
-        self.count = state["count"].to(self.count)
+        self.count.copy_(state["count"])
 
 
 class MetaTrainer:
@@ -290,15 +290,22 @@ class MetaTrainer:
             return []
         latest = max(ep.episode for ep in self.running.values())
         _, length = curriculum_at(self.config, latest)
+        losses, kept = self.window_steps(length, stop_early=self.end_windows_early)
+        return self._record(losses.shape[0], losses, kept)
+
+    def window_steps(self, length: int, stop_early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``length`` inner steps of every slot, then a truncation: the T-BPTT window on the device.
+        Returns the per-step losses and which counted (``[steps, S]``).  Without ``stop_early`` it
+        reads nothing back to the host, so it can be captured (a CUDA graph) as a whole."""
         losses, kept = [], []
         for _ in range(length):
             step_losses, keep = self.inner_step()
             losses.append(step_losses)
             kept.append(keep)
-            if self.end_windows_early and not self.state.active.any():
+            if stop_early and not self.state.active.any():
                 break
         self.state = self.state.detach()
-        return self._record(len(losses), torch.stack(losses), torch.stack(kept))
+        return torch.stack(losses), torch.stack(kept)
 
     def inner_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One inner step of every slot with its meta-update, on the device: returns the per-slot
