@@ -197,8 +197,13 @@ class MetaTrainer:
                          key=zeros, active=zeros.bool(), phase=zeros, steps=zeros, phase_steps=zeros,
                          threshold=torch.zeros(S, dtype=dtype, device=dev), ended=zeros)
 
+    @property
+    def group_rows(self) -> list[tuple[int, ...]]:
+        """Per group of meta-nets, one slot's rows of each of its tensors (the slot layout)."""
+        return [group.rows for group in self.meta.groups]
+
     def start_episodes(self) -> None:
-        """Start the next episodes on the idle slots, in slot order (masked writes)."""
+        """Start the next episodes on the idle slots, in slot order (masked writes on the device)."""
         idle = [s for s in range(self.slots) if s not in self.running]
         starts = []
         for slot in idle:
@@ -208,65 +213,45 @@ class MetaTrainer:
             self.progress.started += 1
         if not starts:
             return
-        pool, S, dev = self._checkpoint_pool(), self.slots, self.device
-        slots = torch.tensor([s for s, _ in starts], device=dev)
-        checkpoints, thresholds, keys, heads, old_sets, new_sets = [], [], [], [], [], []
+        fresh = []
         for slot, episode in starts:
-            seed = self.episode_seed(episode)
-            rng = random.Random(seed)
-            checkpoint = rng.randrange(self.mt["checkpoints"])
-            tasks = [self.workspace.task(spec, classes)
-                     for spec, classes in zip(self.specs, self.workspace.draw_classes(self.specs, rng))]
-            threshold, tbptt = curriculum_at(self.config, episode)
-            self.running[slot] = RunningEpisode(episode, checkpoint, threshold, tbptt)
-            checkpoints.append(checkpoint)
-            thresholds.append(threshold)
-            keys.append(seed)
-            heads.append(self._fresh_heads(tasks, seed))
-            old_sets.append([self.sampler.sampling_set([self.source] + tasks[:p], self._set_width)
-                             for p in range(len(tasks))])
-            new_sets.append([self.sampler.sampling_set([tasks[p]], self._set_width, first_task=1 + p)
-                             for p in range(len(tasks))])
-        ckpt = torch.tensor(checkpoints, device=dev)
-        st = self.state
-        rows = [self._slot_rows(g, slots) for g in range(len(self.meta.groups))]
-        w0 = [pool["flats"][g][ckpt].reshape(-1, group.dims.K) for g, group in enumerate(self.meta.groups)]
-        weights = [w.index_copy(0, r, v) for w, r, v in zip(st.teacher, rows, w0)]
-        student = [w.index_copy(0, r, v) for w, r, v in zip(st.student, rows, w0)]
-        plain = {n: _slot_copy(t, slots, pool["plain"][n][ckpt]) for n, t in st.teacher_plain.items()}
-        new_heads = [pool["head"][ckpt]] + [torch.stack([h[t] for h in heads]).to(dev)
-                                            for t in range(len(self.specs))]
-        heads_t = [h.index_copy(0, slots, v.to(h.dtype)) for h, v in zip(st.teacher_heads, new_heads)]
-        heads_s = [h.index_copy(0, slots, v.to(h.dtype)) for h, v in zip(st.student_heads, new_heads)]
-        lstm = MetaState([h.index_fill(1, r, 0.0) for h, r in zip(st.lstm.h, rows)],
-                         [c.index_fill(1, r, 0.0) for c, r in zip(st.lstm.c, rows)])
+            state, self.running[slot] = self._fresh_episode(episode)
+            fresh.append(state)
+        self.state = self.state.put(self.group_rows, [slot for slot, _ in starts],
+                                    SlotState.join(fresh, self.group_rows))
 
-        def sets(old: SamplingSet, new: list[list[SamplingSet]]) -> SamplingSet:
-            values = [torch.stack([torch.stack([getattr(s, f) for s in phases]) for phases in new])
-                      for f in ("rows", "task", "label")]
-            return SamplingSet(*(t.index_copy(0, slots, v) for t, v in zip((old.rows, old.task, old.label), values)))
+    def _fresh_episode(self, episode: int) -> tuple[SlotState, RunningEpisode]:
+        """Episode ``episode`` at its start, as a one-slot state: its classes and ``w0`` checkpoint
+        drawn from its seed, teacher and student at ``w0``, fresh heads, zeroed meta-LSTM states."""
+        seed = self.episode_seed(episode)
+        rng = random.Random(seed)
+        checkpoint = rng.randrange(self.mt["checkpoints"])
+        tasks = [self.workspace.task(spec, classes)
+                 for spec, classes in zip(self.specs, self.workspace.draw_classes(self.specs, rng))]
+        threshold, tbptt = curriculum_at(self.config, episode)
+        pool, dev = self._checkpoint_pool(), self.device
+        dtype = next(self.meta.parameters()).dtype
+        heads = [pool["head"][checkpoint]] + [h.to(dev) for h in self._fresh_heads(tasks, seed)]
 
-        zero = torch.zeros(len(starts), dtype=torch.int64, device=dev)
-        self.state = replace(
-            st, teacher=weights, teacher_plain=plain, teacher_heads=heads_t, student=student,
-            student_plain={n: t.clone() for n, t in plain.items()}, student_heads=heads_s, lstm=lstm,
-            old_sets=sets(st.old_sets, old_sets), new_sets=sets(st.new_sets, new_sets),
-            key=st.key.index_copy(0, slots, torch.tensor(keys, device=dev)),
-            active=st.active.index_fill(0, slots, True), phase=st.phase.index_copy(0, slots, zero),
-            steps=st.steps.index_copy(0, slots, zero), phase_steps=st.phase_steps.index_copy(0, slots, zero),
-            threshold=st.threshold.index_copy(0, slots, torch.tensor(thresholds, device=dev,
-                                                                      dtype=st.threshold.dtype)),
-            ended=st.ended.index_copy(0, slots, zero))
+        def sets(tables: list[SamplingSet]) -> SamplingSet:
+            return SamplingSet(*(torch.stack([getattr(t, f) for t in tables])[None] for f in ("rows", "task", "label")))
 
-    def _slot_rows(self, group_index: int, slots: torch.Tensor) -> torch.Tensor:
-        """Positions of ``slots``' rows in a group's slot layout (tensor by tensor, slot by slot)."""
-        group, S = self.meta.groups[group_index], self.slots
-        starts, offset = [], 0
-        for r in group.rows:
-            starts.append((offset, r))
-            offset += S * r
-        return torch.cat([torch.cat([start + s * r + torch.arange(r, device=slots.device) for start, r in starts])
-                          for s in slots.tolist()])
+        old = sets([self.sampler.sampling_set([self.source] + tasks[:p], self._set_width) for p in range(len(tasks))])
+        new = sets([self.sampler.sampling_set([tasks[p]], self._set_width, first_task=1 + p)
+                    for p in range(len(tasks))])
+        w0 = [flats[checkpoint] for flats in pool["flats"]]
+        plain = {n: t[checkpoint] for n, t in pool["plain"].items()}
+
+        def one(value, dtype=torch.int64) -> torch.Tensor:
+            return torch.tensor([value], dtype=dtype, device=dev)
+
+        state = SlotState(teacher=w0, teacher_plain=plain, teacher_heads=[h[None] for h in heads],
+                          student=[w.clone() for w in w0], student_plain=dict(plain),
+                          student_heads=[h[None].clone() for h in heads],
+                          lstm=self.meta.initial_state(dev, dtype), old_sets=old, new_sets=new, key=one(seed),
+                          active=one(True, torch.bool), phase=one(0), steps=one(0), phase_steps=one(0),
+                          threshold=one(threshold, dtype), ended=one(RUNNING))
+        return state, RunningEpisode(episode, checkpoint, threshold, tbptt)
 
     def _fresh_heads(self, tasks: list, seed: int) -> list[torch.Tensor]:
         """The new tasks' heads (weight | bias), shared by teacher and student, from the episode's seed:
@@ -440,9 +425,3 @@ def _to(tree, device, dtype: Optional[torch.dtype] = None):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_to(v, device, dtype) for v in tree)
     return tree
-
-
-def _slot_copy(folded: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``folded [S·C, ...]`` with the blocks of ``slots`` replaced by ``values [n, C, ...]``."""
-    S = folded.shape[0] // values.shape[1]
-    return folded.view(S, *values.shape[1:]).index_copy(0, slots, values).view_as(folded)

@@ -66,6 +66,95 @@ class SlotState:
         """A T-BPTT truncation: the same values, cut from the graph."""
         return replace(self, student=[w.detach() for w in self.student], lstm=self.lstm.detach())
 
+    @property
+    def slots(self) -> int:
+        return self.key.shape[0]
+
+    def split(self, group_rows: Sequence[Sequence[int]]) -> list["SlotState"]:
+        """One single-slot state per slot (``group_rows``: per group, one slot's rows of each tensor)."""
+        return [self.select(group_rows, [s]) for s in range(self.slots)]
+
+    def select(self, group_rows: Sequence[Sequence[int]], which: Sequence[int]) -> "SlotState":
+        """The state of the slots ``which``, in that order, as a state of ``len(which)`` slots."""
+        S = self.slots
+        index = torch.tensor(list(which), device=self.key.device)
+        rows = [_slot_positions(r, S, which, self.key.device) for r in group_rows]
+
+        def per_slot(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index)
+
+        def folded(t: torch.Tensor) -> torch.Tensor:
+            return t.view(S, -1, *t.shape[1:]).index_select(0, index).flatten(0, 1)
+
+        return SlotState(
+            teacher=[w.index_select(0, r) for w, r in zip(self.teacher, rows)],
+            teacher_plain={n: folded(t) for n, t in self.teacher_plain.items()},
+            teacher_heads=[per_slot(h) for h in self.teacher_heads],
+            student=[w.index_select(0, r) for w, r in zip(self.student, rows)],
+            student_plain={n: folded(t) for n, t in self.student_plain.items()},
+            student_heads=[per_slot(h) for h in self.student_heads],
+            lstm=MetaState([h.index_select(1, r) for h, r in zip(self.lstm.h, rows)],
+                           [c.index_select(1, r) for c, r in zip(self.lstm.c, rows)]),
+            old_sets=SamplingSet(*(per_slot(t) for t in (self.old_sets.rows, self.old_sets.task, self.old_sets.label))),
+            new_sets=SamplingSet(*(per_slot(t) for t in (self.new_sets.rows, self.new_sets.task, self.new_sets.label))),
+            **{f: per_slot(getattr(self, f)) for f in ("key", "active", "phase", "steps", "phase_steps", "threshold",
+                                                        "ended")})
+
+    def put(self, group_rows: Sequence[Sequence[int]], which: Sequence[int], values: "SlotState") -> "SlotState":
+        """This state with slots ``which`` replaced by ``values`` (a state of ``len(which)`` slots):
+        masked writes on the device, the other slots untouched."""
+        S, n = self.slots, len(which)
+        index = torch.tensor(list(which), device=self.key.device)
+        rows = [_slot_positions(r, S, which, self.key.device) for r in group_rows]
+
+        def per_slot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return t.index_copy(0, index, v.to(t.dtype))
+
+        def folded(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return t.view(S, -1, *t.shape[1:]).index_copy(0, index, v.view(n, -1, *v.shape[1:])).view_as(t)
+
+        def sets(old: SamplingSet, new: SamplingSet) -> SamplingSet:
+            return SamplingSet(per_slot(old.rows, new.rows), per_slot(old.task, new.task), per_slot(old.label, new.label))
+
+        return SlotState(
+            teacher=[w.index_copy(0, r, v) for w, r, v in zip(self.teacher, rows, values.teacher)],
+            teacher_plain={k: folded(t, values.teacher_plain[k]) for k, t in self.teacher_plain.items()},
+            teacher_heads=[per_slot(h, v) for h, v in zip(self.teacher_heads, values.teacher_heads)],
+            student=[w.index_copy(0, r, v) for w, r, v in zip(self.student, rows, values.student)],
+            student_plain={k: folded(t, values.student_plain[k]) for k, t in self.student_plain.items()},
+            student_heads=[per_slot(h, v) for h, v in zip(self.student_heads, values.student_heads)],
+            lstm=MetaState([h.index_copy(1, r, v) for h, r, v in zip(self.lstm.h, rows, values.lstm.h)],
+                           [c.index_copy(1, r, v) for c, r, v in zip(self.lstm.c, rows, values.lstm.c)]),
+            old_sets=sets(self.old_sets, values.old_sets), new_sets=sets(self.new_sets, values.new_sets),
+            **{f: per_slot(getattr(self, f), getattr(values, f)) for f in ("key", "active", "phase", "steps",
+                                                                           "phase_steps", "threshold", "ended")})
+
+    @staticmethod
+    def join(states: Sequence["SlotState"], group_rows: Sequence[Sequence[int]]) -> "SlotState":
+        """The states of several slots (each any number of them) as one, slots in order."""
+        def grouped(tensors: list[torch.Tensor], rows: Sequence[int], dim: int = 0) -> torch.Tensor:
+            # tensor by tensor, the blocks of every state's slots
+            blocks = [t.split([t.shape[dim] // sum(rows) * r for r in rows], dim) for t in tensors]
+            return torch.cat([block for per_tensor in zip(*blocks) for block in per_tensor], dim)
+
+        def cat(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(values)
+
+        first = states[0]
+        return SlotState(
+            teacher=[grouped([st.teacher[g] for st in states], r) for g, r in enumerate(group_rows)],
+            teacher_plain={n: cat([st.teacher_plain[n] for st in states]) for n in first.teacher_plain},
+            teacher_heads=[cat([st.teacher_heads[t] for st in states]) for t in range(len(first.teacher_heads))],
+            student=[grouped([st.student[g] for st in states], r) for g, r in enumerate(group_rows)],
+            student_plain={n: cat([st.student_plain[n] for st in states]) for n in first.student_plain},
+            student_heads=[cat([st.student_heads[t] for st in states]) for t in range(len(first.student_heads))],
+            lstm=MetaState([grouped([st.lstm.h[g] for st in states], r, 1) for g, r in enumerate(group_rows)],
+                           [grouped([st.lstm.c[g] for st in states], r, 1) for g, r in enumerate(group_rows)]),
+            old_sets=SamplingSet(*(cat([getattr(st.old_sets, f) for st in states]) for f in ("rows", "task", "label"))),
+            new_sets=SamplingSet(*(cat([getattr(st.new_sets, f) for st in states]) for f in ("rows", "task", "label"))),
+            **{f: cat([getattr(st, f) for st in states]) for f in ("key", "active", "phase", "steps", "phase_steps",
+                                                                    "threshold", "ended")})
+
     def tensors(self) -> dict:
         """The state as plain dicts and lists of tensors (for checkpoints)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -81,6 +170,16 @@ class SlotState:
         for name in ("old_sets", "new_sets"):
             tree[name] = SamplingSet(**tree[name])
         return SlotState(**tree)
+
+
+def _slot_positions(rows: Sequence[int], slots: int, which: Sequence[int], device) -> torch.Tensor:
+    """Positions, in a group of ``slots`` slots, of the rows of slots ``which``: tensor by tensor,
+    then slot by slot (the ops' slot layout of ``len(which)`` slots)."""
+    positions, start = [], 0
+    for r in rows:
+        positions += [start + s * r + torch.arange(r, device=device) for s in which]
+        start += slots * r
+    return torch.cat(positions)
 
 
 def fold(x: torch.Tensor) -> torch.Tensor:
