@@ -219,23 +219,54 @@ def test_channel_means_matches_reference(backend, device, dtype):
     assert_matches(actual, expected, "means", TOLERANCE["channel_means"][dtype])
 
 
+THREAD_COUNTS = (1, 2, 3)  # 3: more threads than this machine may have cores, and an odd split
+
+
+def at_each_thread_count(compute) -> list:
+    """``compute()`` once with each of ``THREAD_COUNTS`` intra-op threads."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in THREAD_COUNTS:
+            torch.set_num_threads(n)
+            results.append(compute())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def assert_same_bits(results: list, names: list[str]) -> None:
+    for n, outputs in zip(THREAD_COUNTS[1:], results[1:]):
+        for name, one, other in zip(names, results[0], outputs, strict=True):
+            assert torch.equal(one, other), (f"{name} differs between {THREAD_COUNTS[0]} and {n} threads, by up to "
+                                             f"{(one.double() - other.double()).abs().max().item():.3g}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpp_channel_means_of_large_activations_do_not_depend_on_the_thread_count(dtype):
+def test_cpp_channel_means_do_not_depend_on_the_thread_count(dtype):
     # Large enough that the CPU kernel splits the batch into blocks, the last one shorter.
     require("cpp", "cpu")
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(s, generator=gen, dtype=F64).add(0.5).to(dtype) for s in ((70, 16, 16, 16), (129, 64, 8, 8))]
-    threads = torch.get_num_threads()
-    try:
-        with ops.use_backend("cpp"):
-            torch.set_num_threads(1)
-            one = ops.channel_means(xs)
-            torch.set_num_threads(2)
-            two = ops.channel_means(xs)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    assert_matches(one, reference.channel_means([x.double() for x in xs]), "means", TOLERANCE["channel_means"][dtype])
+    xs += _activations(dtype, "cpu")
+    with ops.use_backend("cpp"):
+        results = at_each_thread_count(lambda: [ops.channel_means(xs)])
+    assert_same_bits(results, ["means"])
+    assert_matches(results[0][0], reference.channel_means([x.double() for x in xs]), "means",
+                   TOLERANCE["channel_means"][dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims,rows", [g for g in RESNET_GROUPS if g.id.startswith("resnet32_gn")])
+def test_cpp_meta_lstm_and_gated_update_do_not_depend_on_the_thread_count(dtype, dims, rows):
+    """Bit for bit, every output and gradient: the CPU kernels split their work into row blocks
+    and tasks fixed by the shapes, never along a sum (their GEMM included), so no CPU and no
+    thread count can change a result."""
+    require("cpp", "cpu")
+    x = make_group(dims, rows, dtype)
+    results = at_each_thread_count(lambda: [*meta_lstm_outputs("cpp", x), *gated_update_outputs("cpp", x)])
+    assert_same_bits(results, ["h_new", "c_new", "meta_lstm grad_w", "grad_lstm", "grad_h", "grad_c", "w_new", "delta",
+                               "grad_h3", "grad_head", "gated_update grad_w"])
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -426,25 +457,6 @@ def test_triton_launches_do_not_grow_with_depth(monkeypatch):
         launches.append(sum(c.launches for c in counters) - before)
         assert launches[-1] == 7 * len(meta.groups)
     assert launches[0] == launches[1]
-
-
-def test_thread_count_does_not_change_results():
-    require("cpp", "cpu")
-    group = MetaLearner(resnet32_gn(3, [5])).groups[4]
-    x = make_group(group.dims, group.rows, F32)
-    xs = _activations(F32, "cpu")
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with ops.use_backend("cpp"):
-                means = ops.channel_means(xs)
-            results.append([means, *meta_lstm_outputs("cpp", x), *gated_update_outputs("cpp", x)])
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend,device,network", [
