@@ -59,16 +59,17 @@ void tanh_(T* x, int64_t rows, int64_t n, int64_t ld) {
   view(x, {rows, n}, {ld, 1}).tanh_();
 }
 
-// A run of at most `block` consecutive rows of one tensor of a group.
+// A run of at most `block` consecutive rows of one segment (tensor, slot) of a group.
 struct RowBlock {
-  int64_t tensor, begin, end;
+  int64_t tensor, segment, begin, end;
 };
 
-inline std::vector<RowBlock> row_blocks(const std::vector<int64_t>& starts, int64_t block) {
+inline std::vector<RowBlock> row_blocks(const Segments& segments, int64_t block) {
   std::vector<RowBlock> blocks;
-  for (size_t t = 0; t + 1 < starts.size(); ++t) {
-    for (int64_t r = starts[t]; r < starts[t + 1]; r += block) {
-      blocks.push_back({static_cast<int64_t>(t), r, std::min(r + block, starts[t + 1])});
+  for (int64_t e = 0; e < segments.count(); ++e) {
+    const int64_t end = segments.starts[e + 1];
+    for (int64_t r = segments.starts[e]; r < end; r += block) {
+      blocks.push_back({segments.tensor(e), e, r, std::min(r + block, end)});
     }
   }
   return blocks;
