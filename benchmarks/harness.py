@@ -31,6 +31,8 @@ VARIANTS = (EAGER, COMPILED, *FUSED)
 DEVICES = ("cpu", "cuda")
 # Untimed calls before the timed rounds (they compile, autotune and fill the caching allocator).
 WARMUP = {"cpu": 1, "cuda": 5}
+# Episode slots per op call (DESIGN §6) that the op benchmarks run.
+SLOTS = (1, 4, 16)
 
 
 def backend_of(variant: str) -> str:
@@ -83,9 +85,10 @@ def device_label(device: str) -> str:
 
 
 def measure(benchmark, fn: Callable, *, op: str, variant: str, device: str, rounds: dict,
-            warmup: dict = WARMUP, setup: Optional[Callable] = None, bytes_moved: Optional[int] = None) -> None:
+            warmup: dict = WARMUP, setup: Optional[Callable] = None, bytes_moved: Optional[int] = None,
+            slots: int = 1) -> None:
     """Time ``fn`` (``rounds[device]`` rounds after ``warmup[device]`` untimed ones) and record
-    what ``ratio_table`` reads in ``benchmark.extra_info``.
+    what ``ratio_table`` reads in ``benchmark.extra_info`` (``slots``: episode slots per op call).
 
     CPU: pytest-benchmark's own timer.  CUDA: the call is synchronised for pytest-benchmark,
     and also timed with CUDA events; their median is ``median_s``, the figure the table uses.
@@ -105,8 +108,8 @@ def measure(benchmark, fn: Callable, *, op: str, variant: str, device: str, roun
             setup = _synchronised(setup)
     else:
         target = fn
-    benchmark.group = f"{op} on {device}"
-    benchmark.extra_info.update(op=op, variant=variant, device=device_label(device), bytes=bytes_moved)
+    benchmark.group = f"{op} on {device}" + (f", {slots} slots" if slots > 1 else "")
+    benchmark.extra_info.update(op=op, variant=variant, device=device_label(device), bytes=bytes_moved, slots=slots)
     benchmark.pedantic(target, setup=setup, rounds=rounds[device], warmup_rounds=warmup, iterations=1)
     if len(samples) > warmup:  # (not with --benchmark-disable, which runs fn once)
         benchmark.extra_info.update(median_s=statistics.median(samples[warmup:]), timer="cuda-events")
@@ -129,6 +132,13 @@ def forced(variant: str, fn: Callable) -> Callable:
         with ops.use_backend(backend_of(variant)):
             return call(*args)
     return run
+
+
+def slotted(x: torch.Tensor, rows: Sequence[int], slots: int, dim: int = 0) -> torch.Tensor:
+    """One slot's rows of a group (``rows[t]`` per tensor along ``dim``) laid out for ``slots``
+    episode slots as the fused ops take them: each tensor's rows once per slot, slot by slot.
+    Every slot gets the same values, which is all a timing needs."""
+    return torch.cat([block for block in x.split(list(rows), dim) for _ in range(slots)], dim)
 
 
 # ----- one meta-learner update -----

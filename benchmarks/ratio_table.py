@@ -3,10 +3,11 @@
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python -m benchmarks.ratio_table bench.json [--out table.md]
 
-One row per benchmark: op, backend, device, median; how many times faster than the eager
-reference and than ``torch.compile`` of the reference (their median / this median, same
-benchmark, same device, same run); the achieved memory bandwidth (the op's bytes model,
-stated in its benchmark file, / median) beside the device's copy bandwidth (``bench_copy``).
+One row per benchmark: op (and its episode slots, if more than one), backend, device, median;
+how many times faster than the eager reference and than ``torch.compile`` of the reference
+(their median / this median, same benchmark, same slots, same device, same run); the achieved
+memory bandwidth (the op's bytes model, stated in its benchmark file, / median) beside the
+device's copy bandwidth (``bench_copy``).
 The median is the CUDA-events median on a GPU, pytest-benchmark's median on a CPU.
 """
 from __future__ import annotations
@@ -54,8 +55,8 @@ def rows_of(data: dict, path: str) -> list[dict]:
             raise UserError(f"{path}: benchmark {bench.get('name')!r} has no op in its extra_info; "
                             "the file was not written by fastl2r's benchmarks/")
         median = info.get("median_s", bench["stats"]["median"])
-        rows.append(dict(op=info["op"], variant=info["variant"], device=info["device"], median=median,
-                         bytes=info.get("bytes"), rounds=bench["stats"]["rounds"]))
+        rows.append(dict(op=info["op"], slots=info.get("slots", 1), variant=info["variant"], device=info["device"],
+                         median=median, bytes=info.get("bytes"), rounds=bench["stats"]["rounds"]))
     return rows
 
 
@@ -69,9 +70,9 @@ def format_seconds(s: float) -> str:
 
 def table(rows: Sequence[dict]) -> str:
     def order(r):
-        return (r["device"], OPS.index(r["op"]) if r["op"] in OPS else len(OPS), r["op"],
+        return (r["device"], OPS.index(r["op"]) if r["op"] in OPS else len(OPS), r["op"], r["slots"],
                 VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
-    medians = {(r["device"], r["op"], r["variant"]): r["median"] for r in rows}
+    medians = {(r["device"], r["op"], r["slots"], r["variant"]): r["median"] for r in rows}
     copy = {r["device"]: r["bytes"] / r["median"] for r in rows if r["op"] == "copy" and r["bytes"]}
     lines = ["| op | backend | device | median | × vs eager reference | × vs compiled reference "
              "| achieved GB/s | copy GB/s | rounds |",
@@ -79,11 +80,13 @@ def table(rows: Sequence[dict]) -> str:
     for r in sorted(rows, key=order):
         ratios = []
         for baseline in (EAGER, COMPILED):
-            base = medians.get((r["device"], r["op"], baseline))
+            base = medians.get((r["device"], r["op"], r["slots"], baseline))
             ratios.append("—" if base is None or r["op"] == "copy" else f"{base / r['median']:.2f}")
         achieved = f"{r['bytes'] / r['median'] / 1e9:.3g}" if r["bytes"] else "—"
         device_copy = f"{copy[r['device']] / 1e9:.3g}" if r["bytes"] and r["device"] in copy else "—"
-        lines.append(f"| {OP_LABELS.get(r['op'], r['op'])} | {r['variant']} | {r['device']} "
+        slots = f", {r['slots']} episode slots" if r["slots"] > 1 else ""
+        label = OP_LABELS.get(r["op"], r["op"]) + slots
+        lines.append(f"| {label} | {r['variant']} | {r['device']} "
                      f"| {format_seconds(r['median'])} | {ratios[0]} | {ratios[1]} | {achieved} | {device_copy} "
                      f"| {r['rounds']} |")
     return "\n".join(lines)

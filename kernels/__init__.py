@@ -14,8 +14,8 @@ Arithmetic runs in float64 for float64 tensors and in float32 for every other
 dtype (``compute_dtype``), so each backend matches the reference at its dtype's
 precision.  This file holds what the op files share: exact ``sigmoid``/``tanh``
 (Triton 3.6 has no ``tl.tanh`` and its libdevice path differs between versions),
-the tables that map row blocks to the tensors of a group, output allocation, and
-layout offsets derived from ``fastl2r.ops.layout`` (never restated here).
+the tables that map row blocks to the tensors and episode slots of a group, output
+allocation, and layout offsets derived from ``fastl2r.ops.layout`` (never restated here).
 """
 from __future__ import annotations
 
@@ -72,12 +72,18 @@ def row_block(blocks, H: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr):
     ``BR`` rows with their mask (the block ends at ``r1``), and the ``HP`` hidden units padded from
     ``H`` with theirs."""
     pid = tl.program_id(0)
-    t = tl.load(blocks + 3 * pid)
-    r0 = tl.load(blocks + 3 * pid + 1)
-    r1 = tl.load(blocks + 3 * pid + 2)
+    t = tl.load(blocks + 4 * pid)
+    r0 = tl.load(blocks + 4 * pid + 1)
+    r1 = tl.load(blocks + 4 * pid + 2)
     rows = r0 + tl.arange(0, BR)
     units = tl.arange(0, HP)
     return t, rows, rows < r1, units, units < H
+
+
+@triton.jit
+def block_segment(blocks):
+    """This program's segment (tensor, episode slot) in its ``row_blocks`` table."""
+    return tl.load(blocks + 4 * tl.program_id(0) + 3)
 
 
 _tables: dict[tuple, torch.Tensor] = {}
@@ -95,29 +101,36 @@ def cached_table(name: str, key: tuple, build, device: torch.device, dtype: torc
     return table
 
 
-def row_blocks(rows: Sequence[int], block: int, device: torch.device) -> torch.Tensor:
-    """``int32 [n, 3]``: per block of at most ``block`` rows of one tensor, (tensor, first row, end row).
+def segment_rows(rows: Sequence[int], slots: int) -> list[int]:
+    """Rows per segment: segment ``e`` is episode slot ``e % slots`` of tensor ``e // slots``, whose
+    ``rows`` count one slot's (tensor by tensor, slot by slot, as ``fastl2r.ops.reference.meta_lstm``)."""
+    return [n for n in rows for _ in range(slots)]
 
-    Blocks never straddle two tensors, so each program of a row-blocked kernel reads
-    the weights of exactly one meta-net.
+
+def row_blocks(rows: Sequence[int], block: int, device: torch.device, slots: int = 1) -> torch.Tensor:
+    """``int32 [n, 4]``: per block of at most ``block`` rows of one segment, (tensor, first row, end
+    row, segment).
+
+    Blocks never straddle two segments, so each program of a row-blocked kernel reads the
+    weights of exactly one meta-net and the scales of one (tensor, slot).
     """
     def build():
         table, start = [], 0
-        for t, n in enumerate(rows):
-            table += [[t, r, min(r + block, start + n)] for r in range(start, start + n, block)]
+        for e, n in enumerate(segment_rows(rows, slots)):
+            table += [[e // slots, r, min(r + block, start + n), e] for r in range(start, start + n, block)]
             start += n
         return table
-    return cached_table("row_blocks", (tuple(rows), block), build, device)
+    return cached_table("row_blocks", (tuple(rows), block, slots), build, device)
 
 
-def row_offsets(rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``int32 [G + 1]``: where each tensor's rows start in the group, then the total."""
+def row_offsets(rows: Sequence[int], device: torch.device, slots: int = 1) -> torch.Tensor:
+    """``int32 [G·slots + 1]``: where each segment's rows start in the group, then the total."""
     def build():
         offsets = [0]
-        for n in rows:
+        for n in segment_rows(rows, slots):
             offsets.append(offsets[-1] + n)
         return offsets
-    return cached_table("row_offsets", tuple(rows), build, device)
+    return cached_table("row_offsets", (tuple(rows), slots), build, device)
 
 
 def view_offsets(views: Sequence[torch.Tensor]) -> list[int]:

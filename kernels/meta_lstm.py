@@ -1,13 +1,16 @@
 """The grouped meta-LSTM step (DESIGN §1.3, §3.2): every row of every meta-net of a group.
 
-Forward, two launches per group whatever the number of tensors in it:
+The rows come in segments, one per (tensor, episode slot) (``row_offsets``): each segment
+is normalised on its own and has its own shared input; its rows use its tensor's meta-net.
 
-1. ``_prologue_kernel``, grid ``(G,)``: per tensor, the RMS of each feature block
+Forward, two launches per group whatever the number of tensors and slots in it:
+
+1. ``_prologue_kernel``, grid ``(G·S,)``: per segment, the RMS of each feature block
    (``w``, ``g``, each per-row activation column, the shared activations), stored as
    inverse scales, and cell 1's effective bias ``b1 + W_ih1[:, shared] · a_shared/rms``:
-   the shared ``a_in`` term is computed once per tensor, never per row.
+   the shared ``a_in`` term is computed once per segment, never per row.
 2. ``_forward_kernel``, grid ``(row blocks,)``: a block is at most ``Blocks.rows`` rows of
-   one tensor (``row_blocks``), so a program reads one meta-net's weights.  It builds
+   one segment (``row_blocks``), so a program reads one meta-net's weights.  It builds
    the normalised features on the fly (no ``[R, D]`` feature matrix is ever written),
    multiplies them into the four gate accumulators in ``[BK, H]`` weight tiles, then
    runs the three cells with the gates, cell update and ReLU fused.  Every cell input
@@ -28,10 +31,10 @@ state ``c_new`` is recomputed from the gates and ``c`` (three flops, no read).
    gradient is produced ``BK`` columns at a time, and the one passed down to the cell
    below goes through memory (``dh`` of that cell, after a barrier) like the forward's h.
 4. ``_backward_weights_kernel``, grid ``(G, 4H / Blocks.gates, column tiles)``: every
-   parameter gradient as ``dgates_kᵀ · X`` summed over the tensor's rows, where X is
-   the features (cell 1), ReLU(h) of the cell below, the incoming h, or ones (bias),
-   per a cached tile table built from ``fastl2r.ops.layout``; no atomics, so it is
-   deterministic.
+   parameter gradient as ``dgates_kᵀ · X`` summed over the tensor's rows of every slot,
+   where X is the features (cell 1, scaled segment by segment), ReLU(h) of the cell below,
+   the incoming h, or ones (bias), per a cached tile table built from
+   ``fastl2r.ops.layout``; no atomics, so it is deterministic.
 
 All arithmetic is in the compute dtype (float64 for float64 tensors, else float32;
 ``tl.dot`` with ``input_precision="ieee"``: no TF32), and so are the saved gates and scales.
@@ -46,10 +49,10 @@ import triton
 import triton.language as tl
 
 from fastl2r.ops.layout import NUM_CELLS, GroupDims, unpack_lstm
-from fastl2r.ops.reference import RMS_EPS
+from fastl2r.ops.reference import RMS_EPS, slot_count
 
-from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks, row_offsets,
-               sigmoid, tanh, view_offsets)
+from . import (TL_DTYPES, block_segment, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks,
+               row_offsets, sigmoid, tanh, view_offsets)
 
 REDUCE_BLOCK = 1024  # elements per step of the prologue's sums of squares
 
@@ -132,14 +135,14 @@ def _finish_cell(acc_i, acc_f, acc_g, acc_o, bias, c, h_out, c_out, gates, rows,
 
 
 @triton.jit
-def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
+def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1, slots,
                      K: tl.constexpr, AR: tl.constexpr, DS: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                      P: tl.constexpr, NS: tl.constexpr, B1: tl.constexpr, EPS: tl.constexpr,
                      AR_P: tl.constexpr, DS_P: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                      BR: tl.constexpr, GATE_BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    r0 = tl.load(offsets + t)
-    r1 = tl.load(offsets + t + 1)
+    e = tl.program_id(0)  # the segment: slot e % slots of tensor e // slots
+    r0 = tl.load(offsets + e)
+    r1 = tl.load(offsets + e + 1)
     n = (r1 - r0) * K
     idx = tl.arange(0, BLOCK)
     sum_w = tl.zeros([BLOCK], dtype=ACC)
@@ -152,7 +155,7 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
         sum_w += xw * xw
         sum_g += xg * xg
     count = n.to(ACC)
-    scale = scales + t * NS
+    scale = scales + e * NS
     tl.store(scale, 1.0 / (tl.sqrt(tl.sum(sum_w, axis=0) / count) + EPS))
     tl.store(scale + 1, 1.0 / (tl.sqrt(tl.sum(sum_g, axis=0) / count) + EPS))
 
@@ -168,12 +171,12 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
     rms_a = tl.sqrt(tl.sum(sum_a, axis=0) / (r1 - r0).to(ACC))
     tl.store(scale + 2 + cols, 1.0 / (rms_a + EPS), mask=col_mask)
 
-    params = lstm + t.to(tl.int64) * P
+    params = lstm + (e // slots).to(tl.int64) * P
     gate_rows = tl.arange(0, GATE_BLOCK)
     if DS > 0:
         ds = tl.arange(0, DS_P)
         ds_mask = ds < DS
-        shared = tl.load(a_shared + t * DS + ds, mask=ds_mask, other=0.0).to(ACC)
+        shared = tl.load(a_shared + e * DS + ds, mask=ds_mask, other=0.0).to(ACC)
         inv_s = 1.0 / (tl.sqrt(tl.sum(shared * shared, axis=0) / DS) + EPS)
         tl.store(scale + 2 + AR, inv_s)
         shared = shared * inv_s
@@ -183,13 +186,13 @@ def _prologue_kernel(w, g, a_row, a_shared, lstm, offsets, scales, bias1,
             w_shared = tl.load(params + q[:, None] * D + (D - DS) + ds[None, :],
                                mask=qm[:, None] & ds_mask[None, :], other=0.0).to(ACC)
             b = tl.load(params + B1 + q, mask=qm, other=0.0).to(ACC)
-            tl.store(bias1 + t * (4 * H) + q, b + tl.sum(w_shared * shared[None, :], axis=1), mask=qm)
+            tl.store(bias1 + e * (4 * H) + q, b + tl.sum(w_shared * shared[None, :], axis=1), mask=qm)
     else:
         tl.store(scale + 2 + AR, 0.0)
         for q0 in tl.static_range(0, 4 * H, GATE_BLOCK):
             q = q0 + gate_rows
             qm = q < 4 * H
-            tl.store(bias1 + t * (4 * H) + q, tl.load(params + B1 + q, mask=qm, other=0.0), mask=qm)
+            tl.store(bias1 + e * (4 * H) + q, tl.load(params + B1 + q, mask=qm, other=0.0), mask=qm)
 
 
 @triton.jit
@@ -199,8 +202,9 @@ def _forward_kernel(w, g, a_row, lstm, bias1, scales, blocks, h, c, h_out, c_out
                     HH2: tl.constexpr, B2: tl.constexpr, IH3: tl.constexpr, HH3: tl.constexpr,
                     B3: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     t, rows, row_mask, units, unit_mask = row_block(blocks, H, HP, BR)
+    segment = block_segment(blocks)
     params = lstm + t.to(tl.int64) * P
-    scale = scales + t * NS
+    scale = scales + segment * NS
     inv_w = tl.load(scale)
     inv_g = tl.load(scale + 1)
 
@@ -222,8 +226,8 @@ def _forward_kernel(w, g, a_row, lstm, bias1, scales, blocks, h, c, h_out, c_out
         acc_o += xa[:, None] * tl.load(column + 3 * H * D, mask=unit_mask, other=0.0).to(ACC)[None, :]
     acc_i, acc_f, acc_g, acc_o = _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, h, H, 1.0, params + HH1, H, H * H,
                                                     H, rows, row_mask, units, unit_mask, False, BK)
-    _finish_cell(acc_i, acc_f, acc_g, acc_o, bias1 + t * (4 * H), c, h_out, c_out, gates, rows, row_mask, units,
-                 unit_mask, H)
+    _finish_cell(acc_i, acc_f, acc_g, acc_o, bias1 + segment * (4 * H), c, h_out, c_out, gates, rows, row_mask,
+                 units, unit_mask, H)
 
     # Cells 2 and 3: ReLU(h_new) of the cell below, read back from h_out where this program's
     # threads have just written it (hence the barrier), then the cell's own h.
@@ -342,7 +346,7 @@ def _backward_rows_kernel(dh_out, dc_out, lstm, scales, blocks, c, h_out, gates,
             tl.debug_barrier()
         else:
             # Through the features to w (W_ih1's first K columns; the RMS scale is a constant).
-            inv_w = tl.load(scales + t * NS)
+            inv_w = tl.load(scales + block_segment(blocks) * NS)
             if K < BK:  # a few columns (GroupNorm: one): one reduction each, no mostly-masked tile
                 for k in tl.static_range(K):
                     column = params + units * D + k
@@ -357,7 +361,7 @@ def _backward_rows_kernel(dh_out, dc_out, lstm, scales, blocks, c, h_out, gates,
 
 
 @triton.jit
-def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, offsets, tiles, dlstm, R,
+def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, offsets, tiles, dlstm, R, slots,
                              K: tl.constexpr, AR: tl.constexpr, DS: tl.constexpr, H: tl.constexpr,
                              D: tl.constexpr, P: tl.constexpr, NS: tl.constexpr, ACC: tl.constexpr,
                              BG: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
@@ -369,36 +373,39 @@ def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, of
     cols = tl.load(tile + 2) + tl.arange(0, BC)
     n_cols = tl.load(tile + 3)
     out = dlstm + t.to(tl.int64) * P + tl.load(tile + 4)
-    r0 = tl.load(offsets + t)
-    r1 = tl.load(offsets + t + 1)
+    r0 = tl.load(offsets + t * slots)  # the tensor's rows, all its slots
+    r1 = tl.load(offsets + (t + 1) * slots)
     q_mask = q < 4 * H
     col_mask = cols < n_cols
     local = tl.arange(0, BR)
     grad = dgates + cell * R * 4 * H
     acc = tl.zeros([BG, BC], dtype=ACC)
     if kind == FEATURES:
-        scale = scales + t * NS
         is_w = cols < K
         is_g = (cols >= K) & (cols < 2 * K)
         is_a = (cols >= 2 * K) & (cols < D - DS)
         is_s = (cols >= D - DS) & col_mask
-        inv = tl.where(is_w, tl.load(scale), tl.load(scale + 1))
-        inv = tl.where(is_a, tl.load(scale + 2 + cols - 2 * K, mask=is_a, other=0.0), inv)
-        inv = tl.where(is_s, tl.load(scale + 2 + AR), inv)
-        shared = tl.load(a_shared + t * DS + cols - (D - DS), mask=is_s, other=0.0).to(ACC)
-        for r in range(r0, r1, BR):
-            rows = r + local
-            row_mask = rows < r1
-            dgt = tl.load(grad + rows[None, :] * (4 * H) + q[:, None], mask=q_mask[:, None] & row_mask[None, :],
-                          other=0.0)
-            rm = row_mask[:, None]
-            x = tl.load(w + rows[:, None] * K + cols[None, :], mask=rm & is_w[None, :], other=0.0).to(ACC)
-            x += tl.load(g + rows[:, None] * K + cols[None, :] - K, mask=rm & is_g[None, :],
-                         other=0.0).to(ACC)
-            x += tl.load(a_row + rows[:, None] * AR + cols[None, :] - 2 * K, mask=rm & is_a[None, :],
-                         other=0.0).to(ACC)
-            x += tl.where(rm, shared[None, :], 0.0)
-            acc = tl.dot(dgt, x * inv[None, :], acc, input_precision="ieee", out_dtype=ACC)
+        # Segment by segment: each has its own scales and shared input.
+        for segment in range(t * slots, (t + 1) * slots):
+            scale = scales + segment * NS
+            inv = tl.where(is_w, tl.load(scale), tl.load(scale + 1))
+            inv = tl.where(is_a, tl.load(scale + 2 + cols - 2 * K, mask=is_a, other=0.0), inv)
+            inv = tl.where(is_s, tl.load(scale + 2 + AR), inv)
+            shared = tl.load(a_shared + segment * DS + cols - (D - DS), mask=is_s, other=0.0).to(ACC)
+            s1 = tl.load(offsets + segment + 1)
+            for r in range(tl.load(offsets + segment), s1, BR):
+                rows = r + local
+                row_mask = rows < s1
+                dgt = tl.load(grad + rows[None, :] * (4 * H) + q[:, None],
+                              mask=q_mask[:, None] & row_mask[None, :], other=0.0)
+                rm = row_mask[:, None]
+                x = tl.load(w + rows[:, None] * K + cols[None, :], mask=rm & is_w[None, :], other=0.0).to(ACC)
+                x += tl.load(g + rows[:, None] * K + cols[None, :] - K, mask=rm & is_g[None, :],
+                             other=0.0).to(ACC)
+                x += tl.load(a_row + rows[:, None] * AR + cols[None, :] - 2 * K, mask=rm & is_a[None, :],
+                             other=0.0).to(ACC)
+                x += tl.where(rm, shared[None, :], 0.0)
+                acc = tl.dot(dgt, x * inv[None, :], acc, input_precision="ieee", out_dtype=ACC)
     elif kind == ONES:
         for r in range(r0, r1, BR):
             rows = r + local
@@ -443,7 +450,7 @@ def _weight_tiles(dims: GroupDims, columns: int, device: torch.device) -> torch.
 
 
 def scale_count(dims: GroupDims) -> int:
-    """Inverse RMS scales per tensor: w, g, each per-row activation column, the shared block."""
+    """Inverse RMS scales per segment: w, g, each per-row activation column, the shared block."""
     return 3 + dims.Ar
 
 
@@ -466,17 +473,17 @@ def _present(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 
 def launch_forward(w, g, a_row, a_shared, lstm, rows: Sequence[int], h, c,
                    h_out, c_out, gates, scales, bias1, blocks: Optional[Blocks] = None) -> None:
-    """Run the forward into ``h_out, c_out [3, R, H]``, ``gates [3, R, 4H]``, ``scales [G, 3 + Ar]``,
-    and the scratch ``bias1 [G, 4H]`` (the last three in the compute dtype; all written in full)."""
+    """Run the forward into ``h_out, c_out [3, R, H]``, ``gates [3, R, 4H]``, ``scales [G·S, 3 + Ar]``,
+    and the scratch ``bias1 [G·S, 4H]`` (the last three in the compute dtype; all written in full)."""
     w, g, a_row, a_shared, lstm, h, c = _contiguous(w, g, a_row, a_shared, lstm, h, c)
     dims = GroupDims.of(w, a_row, a_shared, h)
     bs = blocks or default_blocks(w.device)
     consts = _constants(dims, w.dtype)
-    G, R = lstm.shape[0], w.shape[0]
-    table = row_blocks(rows, bs.rows, w.device)
-    _prologue_kernel[(G,)](
-        w, g, _present(a_row, scales), _present(a_shared, scales), lstm, row_offsets(rows, w.device), scales,
-        bias1, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
+    R, slots = w.shape[0], slot_count(rows, w.shape[0])
+    table = row_blocks(rows, bs.rows, w.device, slots)
+    _prologue_kernel[(len(rows) * slots,)](
+        w, g, _present(a_row, scales), _present(a_shared, scales), lstm, row_offsets(rows, w.device, slots), scales,
+        bias1, slots, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
         B1=_cell_offsets(dims)[0][2], EPS=RMS_EPS, AR_P=next_pow2(dims.Ar), DS_P=next_pow2(dims.Ds),
         ACC=consts["ACC"], BLOCK=REDUCE_BLOCK, BR=bs.rows, GATE_BLOCK=bs.gates)
     _forward_kernel[(table.shape[0],)](
@@ -494,8 +501,8 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
     dims = GroupDims.of(w, a_row, a_shared, h)
     bs = blocks or default_blocks(w.device)
     consts = _constants(dims, w.dtype)
-    G, R = lstm.shape[0], w.shape[0]
-    table = row_blocks(rows, bs.rows, w.device)
+    G, R, slots = lstm.shape[0], w.shape[0], slot_count(rows, w.shape[0])
+    table = row_blocks(rows, bs.rows, w.device, slots)
     _backward_rows_kernel[(table.shape[0],)](
         h if dh_out is None else dh_out.contiguous(), c if dc_out is None else dc_out.contiguous(),
         lstm, scales, table, c, h_out, gates, dgates, dh, dc, dw, R,
@@ -503,8 +510,8 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
     tiles = _weight_tiles(dims, bs.columns, w.device)
     _backward_weights_kernel[(G, triton.cdiv(4 * dims.H, bs.gates), tiles.shape[0])](
         dgates, w, g, _present(a_row, scales), _present(a_shared, scales), h, h_out, scales,
-        row_offsets(rows, w.device), tiles, dlstm, R, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D,
-        P=dims.lstm_size, NS=consts["NS"], ACC=consts["ACC"], BG=bs.gates, BC=bs.columns, BR=bs.rows)
+        row_offsets(rows, w.device, slots), tiles, dlstm, R, slots, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H,
+        D=dims.D, P=dims.lstm_size, NS=consts["NS"], ACC=consts["ACC"], BG=bs.gates, BC=bs.columns, BR=bs.rows)
 
 
 # ------------------------------------------------------------------------------------- torch.library
@@ -512,22 +519,24 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, lstm: torch.Tensor,
               rows: list[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h_new, c_new, gates, scales)``: the reference's ``meta_lstm`` plus what its backward reads."""
+    """``(h_new, c_new, gates, scales)``: the reference's ``meta_lstm`` plus what its backward reads
+    (``scales`` per segment: one row per (tensor, slot), as ``a_shared``)."""
     dims = GroupDims.of(w, a_row, a_shared, h)
-    G, R, acc = lstm.shape[0], w.shape[0], compute_dtype(w.dtype)
+    R, acc = w.shape[0], compute_dtype(w.dtype)
     h_out, c_out = new_output(h.shape, h), new_output(c.shape, c)
-    gates, scales = new_output((NUM_CELLS, R, 4 * dims.H), w, acc), new_output((G, scale_count(dims)), w, acc)
+    gates = new_output((NUM_CELLS, R, 4 * dims.H), w, acc)
+    scales = new_output((a_shared.shape[0], scale_count(dims)), w, acc)
     launch_forward(w, g, a_row, a_shared, lstm, rows, h, c, h_out, c_out, gates, scales,
-                   new_output((G, 4 * dims.H), w, acc))
+                   new_output((a_shared.shape[0], 4 * dims.H), w, acc))
     return h_out, c_out, gates, scales
 
 
 @meta_lstm.register_fake
 def _(w, g, a_row, a_shared, lstm, rows, h, c):
     dims = GroupDims.of(w, a_row, a_shared, h)
-    G, R, acc = lstm.shape[0], w.shape[0], compute_dtype(w.dtype)
+    R, acc = w.shape[0], compute_dtype(w.dtype)
     return (h.new_empty(h.shape), c.new_empty(c.shape), w.new_empty(NUM_CELLS, R, 4 * dims.H, dtype=acc),
-            w.new_empty(G, scale_count(dims), dtype=acc))
+            w.new_empty(a_shared.shape[0], scale_count(dims), dtype=acc))
 
 
 @torch.library.custom_op("fastl2r_triton::meta_lstm_backward", mutates_args=())

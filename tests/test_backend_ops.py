@@ -3,14 +3,15 @@
 Backends: cpp (CPU), cuda (GPU), triton on the CPU (Triton's interpreter, which
 conftest.py switches on where there is no GPU) and triton on CUDA (compiled).  Every op,
 forward and backward, at the exact shapes of every meta-net group of resnet32_gn and
-resnet14_gn and at random odd shapes, float32 and float64; the truth is the reference
-evaluated in float64 on the same inputs, within the bound ``TOLERANCE`` states per op.
+resnet14_gn and at random odd shapes, float32 and float64, and with 1, 2 and 3 episode
+slots in one call; the truth is the reference evaluated in float64 on the same inputs,
+within the bound ``TOLERANCE`` states per op.
 Every output and scratch buffer is NaN-filled when allocated (FASTL2R_POISON_OUTPUTS), so
 an element a kernel forgets to write fails.  The interpreter runs each Triton program at
 Python speed: there the network groups run once, in float32, and the odd shapes in both
 dtypes.  Then gradcheck, opcheck, torch.compile, block sizes, launch counts, dispatch, a
-T-BPTT window of chained MetaLearner steps, and compilation of every Triton kernel for
-sm_90 (which needs no GPU).
+T-BPTT window of chained MetaLearner steps, compilation of every Triton kernel for sm_90
+(which needs no GPU), and the C++ ops' bit-for-bit independence from the thread count.
 """
 from __future__ import annotations
 
@@ -84,6 +85,20 @@ def _op_cases() -> list:
 
 OP_CASES = _op_cases()
 
+# Episode slots (S = w's rows / sum(rows)): small groups, so that the interpreter stays quick.
+SLOT_GROUPS = [
+    pytest.param(GroupDims(K=5, Ar=1, Ds=7, H=6), (3, 1, 40), id="conv"),  # a slot of 40 rows: 2 CPU row blocks
+    pytest.param(GroupDims(K=1, Ar=2, Ds=0, H=5), (4, 2, 7), id="gn"),
+]
+SLOTS = (1, 2, 3)
+
+
+def _slot_cases() -> list:
+    """(backend, device, dtype, dims, rows, slots), the backends of one input side by side."""
+    return [pytest.param(*bd.values, *dt.values, *group.values, slots, marks=bd.marks,
+                         id=f"{bd.id}-{dt.id}-{group.id}-S{slots}")
+            for group in SLOT_GROUPS for slots in SLOTS for dt in DTYPES for bd in BACKEND_DEVICES]
+
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
@@ -96,10 +111,11 @@ def require(backend: str, device: str) -> None:
         pytest.skip(reason)
 
 
-def make_group(dims: GroupDims, rows, dtype=F64, device="cpu", seed=0) -> dict:
-    """Random inputs of one group at realistic scales (a trained-looking head, live state)."""
+def make_group(dims: GroupDims, rows, dtype=F64, device="cpu", seed=0, slots=1) -> dict:
+    """Random inputs of one group of ``slots`` episode slots (``rows`` counts one slot's) at
+    realistic scales (a trained-looking head, live state)."""
     gen = torch.Generator().manual_seed(seed)
-    R, G = sum(rows), len(rows)
+    R, G = slots * sum(rows), len(rows)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)
@@ -110,7 +126,7 @@ def make_group(dims: GroupDims, rows, dtype=F64, device="cpu", seed=0) -> dict:
     b_out.add_(1.0)
     scale.fill_(1.3)
     return dict(w=randn(R, dims.K, scale=0.1), g=randn(R, dims.K, scale=0.01), a_row=randn(R, dims.Ar),
-                a_shared=randn(G, dims.Ds), lstm=randn(G, dims.lstm_size, scale=bound),
+                a_shared=randn(G * slots, dims.Ds), lstm=randn(G, dims.lstm_size, scale=bound),
                 h=randn(3, R, dims.H, scale=0.5), c=randn(3, R, dims.H, scale=0.5),
                 h3=randn(R, dims.H, scale=0.5), head=head, rows=tuple(rows))
 
@@ -152,29 +168,29 @@ def as_float64(x: dict) -> dict:
 _last_reference: dict = {}
 
 
-def reference_outputs(outputs, dims: GroupDims, rows, dtype: torch.dtype) -> list[torch.Tensor]:
-    """``outputs("reference", ·)`` on the float64 copy of ``make_group(dims, rows, dtype)``, which
-    does not depend on the device: computed once for the backends tested one after another."""
-    key = (outputs.__name__, dims, tuple(rows), dtype)
+def reference_outputs(outputs, dims: GroupDims, rows, dtype: torch.dtype, slots: int) -> list[torch.Tensor]:
+    """``outputs("reference", ·)`` on the float64 copy of ``make_group(dims, rows, dtype, slots=slots)``,
+    which does not depend on the device: computed once for the backends tested one after another."""
+    key = (outputs.__name__, dims, tuple(rows), dtype, slots)
     if key not in _last_reference:
         _last_reference.clear()
-        _last_reference[key] = outputs("reference", as_float64(make_group(dims, rows, dtype)))
+        _last_reference[key] = outputs("reference", as_float64(make_group(dims, rows, dtype, slots=slots)))
     return _last_reference[key]
 
 
-def check_meta_lstm(backend, device, dtype, dims, rows):
-    x = make_group(dims, rows, dtype, device)
+def check_meta_lstm(backend, device, dtype, dims, rows, slots=1):
+    x = make_group(dims, rows, dtype, device, slots=slots)
     actual = meta_lstm_outputs(backend, x)
-    expected = reference_outputs(meta_lstm_outputs, dims, rows, dtype)
+    expected = reference_outputs(meta_lstm_outputs, dims, rows, dtype, slots)
     for name, a, e in zip(["h_new", "c_new", "grad_w", "grad_lstm", "grad_h", "grad_c"], actual, expected):
         assert a.dtype == dtype and a.device.type == device
         assert_matches(a, e, name, TOLERANCE["meta_lstm"][dtype])
 
 
-def check_gated_update(backend, device, dtype, dims, rows):
-    x = make_group(dims, rows, dtype, device)
+def check_gated_update(backend, device, dtype, dims, rows, slots=1):
+    x = make_group(dims, rows, dtype, device, slots=slots)
     actual = gated_update_outputs(backend, x)
-    expected = reference_outputs(gated_update_outputs, dims, rows, dtype)
+    expected = reference_outputs(gated_update_outputs, dims, rows, dtype, slots)
     for name, a, e in zip(["w_new", "delta", "grad_h3", "grad_head", "grad_w"], actual, expected):
         assert a.dtype == dtype and a.device.type == device
         assert_matches(a, e, name, TOLERANCE["gated_update"][dtype])
@@ -190,6 +206,15 @@ def test_meta_lstm_matches_reference(backend, device, dtype, dims, rows):
 def test_gated_update_matches_reference(backend, device, dtype, dims, rows):
     require(backend, device)
     check_gated_update(backend, device, dtype, dims, rows)
+
+
+@pytest.mark.parametrize("backend,device,dtype,dims,rows,slots", _slot_cases())
+def test_episode_slots_match_reference(backend, device, dtype, dims, rows, slots):
+    """S episode slots in one call: each (tensor, slot) block of rows normalised on its own, with
+    its own shared input; the meta-nets' gradients summed over the slots."""
+    require(backend, device)
+    check_meta_lstm(backend, device, dtype, dims, rows, slots)
+    check_gated_update(backend, device, dtype, dims, rows, slots)
 
 
 def _activations(dtype, device, seed=0) -> list[torch.Tensor]:
@@ -219,29 +244,61 @@ def test_channel_means_matches_reference(backend, device, dtype):
     assert_matches(actual, expected, "means", TOLERANCE["channel_means"][dtype])
 
 
+THREAD_COUNTS = (1, 2, 3)  # 3: more threads than this machine may have cores, and an odd split
+
+
+def at_each_thread_count(compute) -> list:
+    """``compute()`` once with each of ``THREAD_COUNTS`` intra-op threads."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in THREAD_COUNTS:
+            torch.set_num_threads(n)
+            results.append(compute())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def assert_same_bits(results: list, names: list[str]) -> None:
+    for n, outputs in zip(THREAD_COUNTS[1:], results[1:]):
+        for name, one, other in zip(names, results[0], outputs, strict=True):
+            assert torch.equal(one, other), (f"{name} differs between {THREAD_COUNTS[0]} and {n} threads, by up to "
+                                             f"{(one.double() - other.double()).abs().max().item():.3g}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpp_channel_means_of_large_activations_do_not_depend_on_the_thread_count(dtype):
+def test_cpp_channel_means_do_not_depend_on_the_thread_count(dtype):
     # Large enough that the CPU kernel splits the batch into blocks, the last one shorter.
     require("cpp", "cpu")
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(s, generator=gen, dtype=F64).add(0.5).to(dtype) for s in ((70, 16, 16, 16), (129, 64, 8, 8))]
-    threads = torch.get_num_threads()
-    try:
-        with ops.use_backend("cpp"):
-            torch.set_num_threads(1)
-            one = ops.channel_means(xs)
-            torch.set_num_threads(2)
-            two = ops.channel_means(xs)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    assert_matches(one, reference.channel_means([x.double() for x in xs]), "means", TOLERANCE["channel_means"][dtype])
+    xs += _activations(dtype, "cpu")
+    with ops.use_backend("cpp"):
+        results = at_each_thread_count(lambda: [ops.channel_means(xs)])
+    assert_same_bits(results, ["means"])
+    assert_matches(results[0][0], reference.channel_means([x.double() for x in xs]), "means",
+                   TOLERANCE["channel_means"][dtype])
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims,rows", [g for g in RESNET_GROUPS if g.id.startswith("resnet32_gn")])
+def test_cpp_meta_lstm_and_gated_update_do_not_depend_on_the_thread_count(dtype, dims, rows, slots):
+    """Bit for bit, every output and gradient: the CPU kernels split their work into row blocks
+    and tasks fixed by the shapes, never along a sum (their GEMM included), so no CPU and no
+    thread count can change a result."""
+    require("cpp", "cpu")
+    x = make_group(dims, rows, dtype, slots=slots)
+    results = at_each_thread_count(lambda: [*meta_lstm_outputs("cpp", x), *gated_update_outputs("cpp", x)])
+    assert_same_bits(results, ["h_new", "c_new", "meta_lstm grad_w", "grad_lstm", "grad_h", "grad_c", "w_new", "delta",
+                               "grad_h3", "grad_head", "gated_update grad_w"])
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_gradcheck_float64(backend, device):
     require(backend, device)
-    x = make_group(GroupDims(K=2, Ar=1, Ds=2, H=3), (2, 3), F64, device)
+    x = make_group(GroupDims(K=2, Ar=1, Ds=2, H=3), (2, 3), F64, device, slots=2)
     rows = x["rows"]
     fast = device == "cpu" and backend == "triton"  # the interpreter: one random direction per input
     with ops.use_backend(backend):
@@ -260,15 +317,17 @@ def test_gradcheck_float64(backend, device):
 def test_opcheck(backend, device, dtype):
     """Schema, fake kernels, autograd registration and AOT dispatch of every registered op: the
     ``fastl2r::`` operators of csrc/ and the ``fastl2r_triton::`` ones (on the CPU in the
-    interpreter), whose backward operators read different saved tensors."""
+    interpreter), whose backward operators read different saved tensors.  Two episode slots: the
+    meta-LSTM ops take one slot's rows, the gated update's each tensor's rows of both slots."""
     require(backend, device)
     BACKENDS[backend].load()  # registers its operators
     triton = backend == "triton"
     fl = torch.ops.fastl2r_triton if triton else torch.ops.fastl2r
-    x = make_group(GroupDims(K=3, Ar=1, Ds=2, H=4), (2, 5), dtype, device)
-    rows = list(x["rows"])
+    slots = 2
+    x = make_group(GroupDims(K=3, Ar=1, Ds=2, H=4), (2, 5), dtype, device, slots=slots)
+    rows, head_rows = list(x["rows"]), [slots * n for n in x["rows"]]
     lstm_args = [x["w"], x["g"], x["a_row"], x["a_shared"], x["lstm"], rows, x["h"], x["c"]]
-    head_args = [x["h3"], x["head"], x["w"], x["g"], rows, LR]
+    head_args = [x["h3"], x["head"], x["w"], x["g"], head_rows, LR]
     h_new, c_new, *saved = fl.meta_lstm(*lstm_args)  # cpp: gates; triton: gates, scales
     lstm_saved = (h_new, *saved) if triton else (h_new, c_new, *saved)
     head_saved = () if triton else (fl.gated_update(*head_args)[2],)  # cpp: tanh(z)
@@ -280,10 +339,10 @@ def test_opcheck(backend, device, dtype):
                           (h_new, c_new, *lstm_args[:5], rows, x["h"], x["c"], *lstm_saved))
     torch.library.opcheck(fl.gated_update.default,
                           (x["h3"].clone().requires_grad_(), x["head"].clone().requires_grad_(),
-                           x["w"].clone().requires_grad_(), x["g"], rows, LR))
+                           x["w"].clone().requires_grad_(), x["g"], head_rows, LR))
     for grad_w_new in (x["w"], None) if triton else (x["w"],):  # Triton's takes None for a zero gradient
         torch.library.opcheck(fl.gated_update_backward.default,
-                              (grad_w_new, x["g"], x["h3"], x["head"], x["g"], rows, LR, *head_saved))
+                              (grad_w_new, x["g"], x["h3"], x["head"], x["g"], head_rows, LR, *head_saved))
 
 
 def test_torch_compile_fullgraph():
@@ -357,9 +416,11 @@ def test_torch_compile_fullgraph_metalearner_step_triton(device, network):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("blocks", ["gpu", "small"])
-@pytest.mark.parametrize("dims,rows", ODD_GROUPS + [
-    pytest.param(GroupDims(K=37, Ar=1, Ds=70, H=64), (17, 40), id="wide-conv")])
-def test_triton_block_sizes_compute_the_same_function(monkeypatch, device, blocks, dims, rows):
+@pytest.mark.parametrize("dims,rows,slots", [pytest.param(*g.values, 1, id=g.id) for g in ODD_GROUPS] + [
+    pytest.param(GroupDims(K=37, Ar=1, Ds=70, H=64), (17, 40), 1, id="wide-conv"),
+    pytest.param(GroupDims(K=37, Ar=1, Ds=5, H=12), (17, 3), 2, id="wide-conv-2-slots"),
+    pytest.param(GroupDims(K=2, Ar=3, Ds=1, H=3), (40, 1, 17), 3, id="odd-gn-3-slots")])
+def test_triton_block_sizes_compute_the_same_function(monkeypatch, device, blocks, dims, rows, slots):
     """The CPU tests run the interpreter's block sizes; these run the GPU's and smaller ones,
     so every last-block mask is exercised on shapes that are no multiple of any block."""
     require("triton", device)
@@ -373,8 +434,8 @@ def test_triton_block_sizes_compute_the_same_function(monkeypatch, device, block
                         gated_update_kernels.Blocks(rows=16, k=16))}[blocks]
     for module, bs in zip((meta_lstm_kernels, gated_update_kernels), chosen):
         monkeypatch.setattr(module, "default_blocks", lambda _, bs=bs: bs)
-    check_meta_lstm("triton", device, F64, dims, rows)
-    check_gated_update("triton", device, F64, dims, rows)
+    check_meta_lstm("triton", device, F64, dims, rows, slots)
+    check_gated_update("triton", device, F64, dims, rows, slots)
 
 
 class LaunchCounter:
@@ -426,25 +487,6 @@ def test_triton_launches_do_not_grow_with_depth(monkeypatch):
         launches.append(sum(c.launches for c in counters) - before)
         assert launches[-1] == 7 * len(meta.groups)
     assert launches[0] == launches[1]
-
-
-def test_thread_count_does_not_change_results():
-    require("cpp", "cpu")
-    group = MetaLearner(resnet32_gn(3, [5])).groups[4]
-    x = make_group(group.dims, group.rows, F32)
-    xs = _activations(F32, "cpu")
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with ops.use_backend("cpp"):
-                means = ops.channel_means(xs)
-            results.append([means, *meta_lstm_outputs("cpp", x), *gated_update_outputs("cpp", x)])
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend,device,network", [

@@ -1,18 +1,23 @@
 """Operator dispatches of the meta-learner update (DESIGN §5), counted without a GPU.
 
 The fused path's count must not grow with the network's depth (one op call per group of
-meta-nets, whatever the number of layers); the reference, one meta-net at a time, grows
-with every layer.  Dispatch counts do not depend on tensor sizes, so tiny hidden sizes
-keep the reference quick without changing what is counted (and so does one thread: the
-reference's thousands of tiny ops pay for every OpenMP hand-off on a busy machine).
+meta-nets, whatever the number of layers) nor with the episode slots an op call carries;
+the reference, one meta-net (and slot) at a time, grows with both.  Dispatch counts do not
+depend on tensor sizes, so tiny hidden sizes keep the reference quick without changing what
+is counted (and so does one thread: the reference's thousands of tiny ops pay for every
+OpenMP hand-off on a busy machine).
 """
+from collections import Counter
+
 import pytest
 import torch
 
 from benchmarks.dispatch_counts import ARCHS, DispatchCounter, count_update
 from benchmarks.harness import skip_reason
+from fastl2r import ops
 from fastl2r.meta import MetaLearner, find_meta_tensors
 from fastl2r.models import ARCHITECTURES
+from fastl2r.ops import GroupDims
 
 TINY = dict(conv_hidden=3, norm_hidden=2)
 FUSED = [pytest.param("cpp", "cpu", id="cpp"),
@@ -77,3 +82,32 @@ def test_fused_update_backward_fills_only_the_cotangents_its_ops_read(backend, d
     fills = sum(n for name, n in counts.backward.items()
                 if name in ("aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.fill_", "aten.zero_"))
     assert fills == 2 * len(MetaLearner(ARCHITECTURES["resnet8_gn"](), **TINY).groups), dict(counts.backward)
+
+
+def count_group_ops(backend: str, device: str, slots: int) -> Counter:
+    """Dispatches of one group's meta_lstm and gated_update for ``slots`` episode slots, forward
+    and backward (gradients w.r.t. w and both meta-parameter matrices)."""
+    dims, rows = GroupDims(K=3, Ar=1, Ds=2, H=4), (2, 5)
+    R, G = slots * sum(rows), len(rows)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.1).to(device)
+    w, lstm, head = randn(R, dims.K), randn(G, dims.lstm_size), randn(G, dims.head_size)
+    leaves = [t.requires_grad_() for t in (w, lstm, head)]
+    with ops.use_backend(backend), DispatchCounter() as counter:
+        h, c = ops.meta_lstm(w, randn(R, dims.K), randn(R, dims.Ar), randn(G * slots, dims.Ds), lstm, rows,
+                             randn(3, R, dims.H), randn(3, R, dims.H))
+        w_new, _ = ops.gated_update(h[2], head, w, randn(R, dims.K), rows, 0.1)
+        torch.autograd.grad(w_new.sum() + c.sum(), leaves)
+    return counter.ops
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_op_count_does_not_grow_with_episode_slots(backend, device):
+    reason = skip_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    assert count_group_ops(backend, device, 1) == count_group_ops(backend, device, 4)
+    # The reference runs one (tensor, slot) at a time: its count grows, so the counter sees slots.
+    assert sum(count_group_ops("reference", device, 4).values()) > sum(count_group_ops("reference", device, 1).values())

@@ -1,5 +1,5 @@
-// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, BLAS GEMMs
-// and vectorised activations on raw row-major blocks, row blocks of a group.
+// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, the GEMM
+// (gemm.h) and vectorised activations on raw row-major blocks, row blocks of a group.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,18 +16,20 @@
 #include <vector>
 
 #include "../op_common.h"
+#include "gemm.h"
 
 namespace fastl2r::cpu {
 
 // Runs task(i) for every i in [0, n) on ATen's intra-op threads (OpenMP), handing
 // tasks out one at a time so that unequal tasks still balance.  Every task writes
-// its own outputs, so the result does not depend on the number of threads.
+// its own outputs and runs single-threaded (ATen's kernels inside it too), and tasks
+// are cut by shapes only, never along a sum: no result depends on the number of threads.
 template <typename Task>
 void parallel_tasks(int64_t n, const Task& task) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    c10::InferenceMode no_autograd;  // the GEMMs below wrap raw memory: no graph, no version counters
+    c10::InferenceMode no_autograd;  // the activations wrap raw memory: no graph, no version counters
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(i);
   });
 }
@@ -37,23 +39,6 @@ template <typename T>
 at::Tensor view(const T* data, at::IntArrayRef sizes, at::IntArrayRef strides) {
   return at::from_blob(const_cast<T*>(data), sizes, strides,
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// c[m, n] = beta * c + alpha * op(a)[m, k] @ op(b)[k, n], every matrix row-major with
-// its row stride; op transposes when the flag is set.  ATen's BLAS (MKL, OpenBLAS)
-// does the work, single-threaded inside parallel_tasks.
-template <typename T>
-void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  at::Tensor cm = view(c, {m, n}, {ldc, 1});
-  if (k == 0) {
-    beta == T(0) ? cm.zero_() : cm.mul_(beta);
-    return;
-  }
-  at::Tensor am = view(a, {m, k}, transpose_a ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1});
-  at::Tensor bm = view(b, {k, n}, transpose_b ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1});
-  cm.addmm_(am, bm, beta, alpha);
 }
 
 // out[r, :] = row for every r < rows (out row-major [rows, n]): a bias before a GEMM with beta = 1.
@@ -74,16 +59,17 @@ void tanh_(T* x, int64_t rows, int64_t n, int64_t ld) {
   view(x, {rows, n}, {ld, 1}).tanh_();
 }
 
-// A run of at most `block` consecutive rows of one tensor of a group.
+// A run of at most `block` consecutive rows of one segment (tensor, slot) of a group.
 struct RowBlock {
-  int64_t tensor, begin, end;
+  int64_t tensor, segment, begin, end;
 };
 
-inline std::vector<RowBlock> row_blocks(const std::vector<int64_t>& starts, int64_t block) {
+inline std::vector<RowBlock> row_blocks(const Segments& segments, int64_t block) {
   std::vector<RowBlock> blocks;
-  for (size_t t = 0; t + 1 < starts.size(); ++t) {
-    for (int64_t r = starts[t]; r < starts[t + 1]; r += block) {
-      blocks.push_back({static_cast<int64_t>(t), r, std::min(r + block, starts[t + 1])});
+  for (int64_t e = 0; e < segments.count(); ++e) {
+    const int64_t end = segments.starts[e + 1];
+    for (int64_t r = segments.starts[e]; r < end; r += block) {
+      blocks.push_back({segments.tensor(e), e, r, std::min(r + block, end)});
     }
   }
   return blocks;

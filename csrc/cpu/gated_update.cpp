@@ -14,10 +14,10 @@ namespace fastl2r::cpu {
 namespace {
 
 template <typename T>
-void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* h3, const T* head, const T* w,
+void forward(const GroupLayout& L, const Segments& heads, const T* h3, const T* head, const T* w,
              const T* g, T lr, T* w_new, T* delta, T* tanh_z) {
   const int64_t K = L.K, H = L.H, P = L.head_size();
-  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  const std::vector<RowBlock> blocks = row_blocks(heads, kRowBlock);
   parallel_tasks(static_cast<int64_t>(blocks.size()), [&](int64_t index) {
     const RowBlock blk = blocks[index];
     const int64_t rows = blk.end - blk.begin;
@@ -36,11 +36,11 @@ void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* 
 }
 
 template <typename T>
-void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* grad_w_new, const T* grad_delta,
+void backward(const GroupLayout& L, const Segments& heads, const T* grad_w_new, const T* grad_delta,
               const T* h3, const T* head, const T* g, T lr, const T* tanh_z, T* grad_h3, T* grad_head) {
-  const int64_t G = static_cast<int64_t>(starts.size()) - 1, R = starts.back();
+  const int64_t G = heads.count(), R = heads.starts.back();
   const int64_t K = L.K, H = L.H, P = L.head_size();
-  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  const std::vector<RowBlock> blocks = row_blocks(heads, kRowBlock);
   auto grad_z = scratch<T>(R * K);
   T* dz = grad_z.get();
   std::vector<T> grad_scale(blocks.size());  // per block, its part of ∂L/∂s
@@ -62,7 +62,7 @@ void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T*
   std::vector<int64_t> first_block(G + 1, static_cast<int64_t>(blocks.size()));
   for (int64_t i = static_cast<int64_t>(blocks.size()) - 1; i >= 0; --i) first_block[blocks[i].tensor] = i;
   parallel_tasks(G, [&](int64_t t) {
-    const int64_t r0 = starts[t], rows = starts[t + 1] - r0;
+    const int64_t r0 = heads.starts[t], rows = heads.starts[t + 1] - r0;
     T* grad_net = grad_head + t * P;
     gemm<T>(true, false, K, H, rows, 1, dz + r0 * K, K, h3 + r0 * H, H, 0, grad_net + L.w_out(), H);
     T* grad_b = grad_net + L.b_out();
@@ -80,13 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_update_cpu(const at::Tensor
                                                                 const at::Tensor& w, const at::Tensor& g,
                                                                 at::IntArrayRef rows, double lr) {
   const GroupLayout L = check_gated_update(h3, head, w, g);
-  const std::vector<int64_t> starts = row_starts(rows, head.size(0), w.size(0));
+  const Segments heads = head_segments(rows, head.size(0), w.size(0));
   const at::Tensor hc = h3.contiguous(), pc = head.contiguous(), wc = w.contiguous(), gc = g.contiguous();
   at::Tensor w_new = new_buffer(w.sizes(), w.options());
   at::Tensor delta = new_buffer(w.sizes(), w.options());
   at::Tensor tanh_z = new_buffer(w.sizes(), w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.gated_update", [&] {
-    forward<scalar_t>(L, starts, hc.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+    forward<scalar_t>(L, heads, hc.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
                       gc.data_ptr<scalar_t>(), static_cast<scalar_t>(lr), w_new.data_ptr<scalar_t>(),
                       delta.data_ptr<scalar_t>(), tanh_z.data_ptr<scalar_t>());
   });
@@ -99,13 +99,13 @@ std::tuple<at::Tensor, at::Tensor> gated_update_backward_cpu(const at::Tensor& g
                                                              at::IntArrayRef rows, double lr,
                                                              const at::Tensor& tanh_z) {
   const GroupLayout L = check_gated_update_backward(grad_w_new, grad_delta, h3, head, g, tanh_z);
-  const std::vector<int64_t> starts = row_starts(rows, head.size(0), g.size(0));
+  const Segments heads = head_segments(rows, head.size(0), g.size(0));
   const at::Tensor dw = grad_w_new.contiguous(), dd = grad_delta.contiguous(), hc = h3.contiguous(),
                    pc = head.contiguous(), gc = g.contiguous(), tz = tanh_z.contiguous();
   at::Tensor grad_h3 = new_buffer(h3.sizes(), h3.options());
   at::Tensor grad_head = new_buffer(head.sizes(), head.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastl2r.gated_update_backward", [&] {
-    backward<scalar_t>(L, starts, dw.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
+    backward<scalar_t>(L, heads, dw.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
                        pc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), static_cast<scalar_t>(lr),
                        tz.data_ptr<scalar_t>(), grad_h3.data_ptr<scalar_t>(), grad_head.data_ptr<scalar_t>());
   });

@@ -1,13 +1,16 @@
 // The grouped meta-LSTM on the CPU (fastl2r/ops/reference.py::meta_lstm): the three
 // stacked cells for every row of a group, forward and backward.
 //
-// Forward: one task per block of rows of one tensor runs all three cells (bias and GEMMs
+// The rows come in segments, one per (tensor, episode slot) (op_common.h): each segment has
+// its own RMS scales and shared input; a segment's rows use its tensor's meta-net.
+//
+// Forward: one task per block of rows of one segment runs all three cells (bias and GEMMs
 // into the saved gates, the gate activations by ATen's vectorised kernels, then the
 // cell/ReLU pass), so a block stays in cache.
-// Cell 0's shared input (a_shared) is folded into its bias once per tensor.
+// Cell 0's shared input (a_shared) is folded into its bias once per segment.
 // Backward: the same row blocks run the cells top-down (fused gate derivatives, then
 // the GEMMs for the state and input gradients); then one task per (tensor, cell part)
-// forms that meta-net's weight gradients from the saved gate gradients.
+// forms that meta-net's weight gradients from the saved gate gradients of all its slots.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -16,9 +19,9 @@
 namespace fastl2r::cpu {
 namespace {
 
-// 1 / (rms + eps) of each feature block of tensor t (GroupLayout::num_scales values).
+// 1 / (rms + eps) of each feature block of segment e, rows [r0, r1) (GroupLayout::num_scales values).
 template <typename T>
-void inverse_rms(const GroupLayout& L, int64_t t, int64_t r0, int64_t r1, const T* w, const T* g,
+void inverse_rms(const GroupLayout& L, int64_t e, int64_t r0, int64_t r1, const T* w, const T* g,
                  const T* a_row, const T* a_shared, T* scales) {
   auto inverse = [](double sum_sq, int64_t count) {
     return static_cast<T>(1.0 / (std::sqrt(sum_sq / static_cast<double>(count)) + kRmsEps));
@@ -40,17 +43,17 @@ void inverse_rms(const GroupLayout& L, int64_t t, int64_t r0, int64_t r1, const 
     scales[L.scale_a(j)] = inverse(sa, r1 - r0);
   }
   double ss = 0;
-  for (int64_t j = 0; j < L.Ds; ++j) ss += static_cast<double>(a_shared[t * L.Ds + j]) * a_shared[t * L.Ds + j];
+  for (int64_t j = 0; j < L.Ds; ++j) ss += static_cast<double>(a_shared[e * L.Ds + j]) * a_shared[e * L.Ds + j];
   scales[L.scale_shared()] = L.Ds ? inverse(ss, L.Ds) : T(0);
 }
 
 template <typename T>
-std::vector<T> all_inverse_rms(const GroupLayout& L, const std::vector<int64_t>& starts, const T* w,
-                               const T* g, const T* a_row, const T* a_shared) {
-  const int64_t G = static_cast<int64_t>(starts.size()) - 1, S = L.num_scales();
-  std::vector<T> scales(G * S);
-  parallel_tasks(G, [&](int64_t t) {
-    inverse_rms(L, t, starts[t], starts[t + 1], w, g, a_row, a_shared, scales.data() + t * S);
+std::vector<T> all_inverse_rms(const GroupLayout& L, const Segments& segs, const T* w, const T* g,
+                               const T* a_row, const T* a_shared) {
+  const int64_t NS = L.num_scales();
+  std::vector<T> scales(segs.count() * NS);
+  parallel_tasks(segs.count(), [&](int64_t e) {
+    inverse_rms(L, e, segs.starts[e], segs.starts[e + 1], w, g, a_row, a_shared, scales.data() + e * NS);
   });
   return scales;
 }
@@ -122,30 +125,30 @@ void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
 }
 
 template <typename T>
-void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* w, const T* g, const T* a_row,
-             const T* a_shared, const T* lstm, const T* h, const T* c, T* h_new, T* c_new, T* gates) {
-  const int64_t G = static_cast<int64_t>(starts.size()) - 1, R = starts.back();
+void forward(const GroupLayout& L, const Segments& segs, const T* w, const T* g, const T* a_row, const T* a_shared,
+             const T* lstm, const T* h, const T* c, T* h_new, T* c_new, T* gates) {
+  const int64_t R = segs.starts.back();
   const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
-                S = L.num_scales();
-  std::vector<T> scales(G * S), bias0(G * G4);
-  parallel_tasks(G, [&](int64_t t) {
-    T* s = scales.data() + t * S;
-    inverse_rms(L, t, starts[t], starts[t + 1], w, g, a_row, a_shared, s);
-    // Cell 0's bias plus its shared-input term: one mat-vec per tensor, not per row.
-    const T* w_ih = lstm + t * P + L.w_ih(0);
-    const T* b = lstm + t * P + L.bias(0);
+                NS = L.num_scales();
+  std::vector<T> scales(segs.count() * NS), bias0(segs.count() * G4);
+  parallel_tasks(segs.count(), [&](int64_t e) {
+    T* s = scales.data() + e * NS;
+    inverse_rms(L, e, segs.starts[e], segs.starts[e + 1], w, g, a_row, a_shared, s);
+    // Cell 0's bias plus its shared-input term: one mat-vec per segment, not per row.
+    const T* w_ih = lstm + segs.tensor(e) * P + L.w_ih(0);
+    const T* b = lstm + segs.tensor(e) * P + L.bias(0);
     for (int64_t q = 0; q < G4; ++q) {
       T acc = b[q];
-      for (int64_t d = 0; d < L.Ds; ++d) acc += w_ih[q * D + Dr + d] * (a_shared[t * L.Ds + d] * s[L.scale_shared()]);
-      bias0[t * G4 + q] = acc;
+      for (int64_t d = 0; d < L.Ds; ++d) acc += w_ih[q * D + Dr + d] * (a_shared[e * L.Ds + d] * s[L.scale_shared()]);
+      bias0[e * G4 + q] = acc;
     }
   });
-  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  const std::vector<RowBlock> blocks = row_blocks(segs, kRowBlock);
   parallel_tasks(static_cast<int64_t>(blocks.size()), [&](int64_t index) {
     const RowBlock blk = blocks[index];
     const int64_t rows = blk.end - blk.begin;
     const T* net = lstm + blk.tensor * P;
-    const T* s = scales.data() + blk.tensor * S;
+    const T* s = scales.data() + blk.segment * NS;
     auto x0 = scratch<T>(rows * Dr);  // cell 0's row-varying input [w, g, a_row], each block scaled
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = blk.begin + r;
@@ -159,7 +162,7 @@ void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* 
     for (int cell = 0; cell < kNumCells; ++cell) {
       const int64_t at = cell * R + blk.begin;
       T* pre = gates + at * G4;
-      fill_rows(cell == 0 ? bias0.data() + blk.tensor * G4 : net + L.bias(cell), rows, G4, pre);
+      fill_rows(cell == 0 ? bias0.data() + blk.segment * G4 : net + L.bias(cell), rows, G4, pre);
       if (cell == 0) {
         gemm<T>(false, true, rows, G4, Dr, 1, x0.get(), Dr, net + L.w_ih(0), D, 1, pre, G4);
       } else {
@@ -172,18 +175,17 @@ void forward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* 
 }
 
 template <typename T>
-void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T* grad_h, const T* grad_c,
-              const T* w, const T* g, const T* a_row, const T* a_shared, const T* lstm, const T* h, const T* c,
-              const T* h_new, const T* c_new, const T* gates, T* grad_w, T* grad_lstm, T* grad_h_in,
-              T* grad_c_in) {
-  const int64_t G = static_cast<int64_t>(starts.size()) - 1, R = starts.back();
+void backward(const GroupLayout& L, const Segments& segs, const T* grad_h, const T* grad_c, const T* w, const T* g,
+              const T* a_row, const T* a_shared, const T* lstm, const T* h, const T* c, const T* h_new,
+              const T* c_new, const T* gates, T* grad_w, T* grad_lstm, T* grad_h_in, T* grad_c_in) {
+  const int64_t G = segs.tensors(), R = segs.starts.back();
   const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
-                S = L.num_scales();
-  const std::vector<T> scales = all_inverse_rms(L, starts, w, g, a_row, a_shared);
+                NS = L.num_scales();
+  const std::vector<T> scales = all_inverse_rms(L, segs, w, g, a_row, a_shared);
   auto grad_gates = scratch<T>(kNumCells * R * G4);
   T* dgates = grad_gates.get();
 
-  const std::vector<RowBlock> blocks = row_blocks(starts, kRowBlock);
+  const std::vector<RowBlock> blocks = row_blocks(segs, kRowBlock);
   parallel_tasks(static_cast<int64_t>(blocks.size()), [&](int64_t index) {
     const RowBlock blk = blocks[index];
     const int64_t rows = blk.end - blk.begin;
@@ -200,52 +202,71 @@ void backward(const GroupLayout& L, const std::vector<int64_t>& starts, const T*
         gemm<T>(false, false, rows, H, G4, 1, dgates + at * G4, G4, net + L.w_ih(cell), H, 0, grad_relu.get(), H);
       } else {
         // Only w of cell 0's input needs a gradient (g and the activations are constants).
-        gemm<T>(false, false, rows, K, G4, scales[blk.tensor * S + L.scale_w()], dgates + at * G4, G4,
+        gemm<T>(false, false, rows, K, G4, scales[blk.segment * NS + L.scale_w()], dgates + at * G4, G4,
                 net + L.w_ih(0), D, 0, grad_w + blk.begin * K, K);
       }
     }
   });
 
-  // Weight gradients: per tensor, cells 2 and 1, then cell 0 split into its w columns
-  // and the rest, so that the tasks of a conv group are of similar size.
+  // Weight gradients: per tensor, summed over all its slots' rows: cells 2 and 1, then cell 0
+  // split into its w columns and the rest, so that the tasks of a conv group are of similar
+  // size.  Cell 0's input columns are scaled per segment (its own RMS and shared input).
   constexpr int kParts = 4;
   parallel_tasks(G * kParts, [&](int64_t index) {
     const int64_t t = index / kParts, part = index % kParts;
-    const int64_t r0 = starts[t], rows = starts[t + 1] - r0;
-    const T* s = scales.data() + t * S;
+    const int64_t r0 = segs.first_row(t), rows = segs.first_row(t + 1) - r0;
+    const int64_t e0 = t * segs.slots, e1 = e0 + segs.slots;  // the tensor's segments
     T* grad_net = grad_lstm + t * P;
-    auto dg = [&](int cell) { return dgates + (cell * R + r0) * G4; };
+    auto dg = [&](int cell, int64_t row) { return dgates + (cell * R + row) * G4; };
+    // Σ over the tensor's segments of scale·dg0ᵀ·x for the K columns of x [R, K] (w or g).
+    auto scaled_product = [&](const T* x, int64_t scale, T* out) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t s0 = segs.starts[e];
+        gemm<T>(true, false, G4, K, segs.starts[e + 1] - s0, scales[e * NS + scale], dg(0, s0), G4, x + s0 * K, K,
+                e == e0 ? 0 : 1, out, D);
+      }
+    };
     if (part < 2) {
       const int cell = kNumCells - 1 - static_cast<int>(part);
       auto x = scratch<T>(rows * H);  // this cell's input, ReLU(h_new) of the cell below
       const T* below = h_new + ((cell - 1) * R + r0) * H;
       for (int64_t e = 0; e < rows * H; ++e) x[e] = below[e] > T(0) ? below[e] : T(0);
-      gemm<T>(true, false, G4, H, rows, 1, dg(cell), G4, x.get(), H, 0, grad_net + L.w_ih(cell), H);
-      gemm<T>(true, false, G4, H, rows, 1, dg(cell), G4, h + (cell * R + r0) * H, H, 0, grad_net + L.w_hh(cell), H);
-      column_sums(dg(cell), rows, G4, grad_net + L.bias(cell));
+      gemm<T>(true, false, G4, H, rows, 1, dg(cell, r0), G4, x.get(), H, 0, grad_net + L.w_ih(cell), H);
+      gemm<T>(true, false, G4, H, rows, 1, dg(cell, r0), G4, h + (cell * R + r0) * H, H, 0, grad_net + L.w_hh(cell),
+              H);
+      column_sums(dg(cell, r0), rows, G4, grad_net + L.bias(cell));
     } else if (part == 2) {
-      gemm<T>(true, false, G4, K, rows, s[L.scale_w()], dg(0), G4, w + r0 * K, K, 0, grad_net + L.w_ih(0), D);
+      scaled_product(w, L.scale_w(), grad_net + L.w_ih(0));
     } else {
       T* grad_w_ih = grad_net + L.w_ih(0);
       T* grad_bias = grad_net + L.bias(0);
-      gemm<T>(true, false, G4, K, rows, s[L.scale_g()], dg(0), G4, g + r0 * K, K, 0, grad_w_ih + K, D);
+      scaled_product(g, L.scale_g(), grad_w_ih + K);
       std::vector<T> acc(G4);
       for (int64_t j = 0; j < L.Ar; ++j) {
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const T a = a_row[(r0 + r) * L.Ar + j] * s[L.scale_a(j)];
-          for (int64_t q = 0; q < G4; ++q) acc[q] += dg(0)[r * G4 + q] * a;
+        for (int64_t e = e0; e < e1; ++e) {
+          const T scale = scales[e * NS + L.scale_a(j)];
+          for (int64_t r = segs.starts[e]; r < segs.starts[e + 1]; ++r) {
+            const T a = a_row[r * L.Ar + j] * scale;
+            for (int64_t q = 0; q < G4; ++q) acc[q] += dg(0, r)[q] * a;
+          }
         }
         for (int64_t q = 0; q < G4; ++q) grad_w_ih[q * D + 2 * K + j] = acc[q];
       }
-      column_sums(dg(0), rows, G4, grad_bias);
-      // The shared input entered through the bias: its weights' gradient is an outer product.
-      for (int64_t q = 0; q < G4; ++q) {
-        for (int64_t d = 0; d < L.Ds; ++d) {
-          grad_w_ih[q * D + Dr + d] = grad_bias[q] * (a_shared[t * L.Ds + d] * s[L.scale_shared()]);
+      // The shared input entered through each segment's bias: its weights' gradient is a sum
+      // of outer products, one per segment (its column sums of dg0 times its shared input).
+      std::fill_n(grad_bias, G4, T(0));
+      for (int64_t q = 0; q < G4; ++q) std::fill_n(grad_w_ih + q * D + Dr, L.Ds, T(0));
+      for (int64_t e = e0; e < e1; ++e) {
+        column_sums(dg(0, segs.starts[e]), segs.starts[e + 1] - segs.starts[e], G4, acc.data());
+        const T* shared = a_shared + e * L.Ds;
+        const T scale = scales[e * NS + L.scale_shared()];
+        for (int64_t q = 0; q < G4; ++q) {
+          grad_bias[q] += acc[q];
+          for (int64_t d = 0; d < L.Ds; ++d) grad_w_ih[q * D + Dr + d] += acc[q] * (shared[d] * scale);
         }
       }
-      gemm<T>(true, false, G4, H, rows, 1, dg(0), G4, h + r0 * H, H, 0, grad_net + L.w_hh(0), H);
+      gemm<T>(true, false, G4, H, rows, 1, dg(0, r0), G4, h + r0 * H, H, 0, grad_net + L.w_hh(0), H);
     }
   });
 }
@@ -254,15 +275,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_lstm_cpu(const at::Tensor& w
                                                              const at::Tensor& a_row, const at::Tensor& a_shared,
                                                              const at::Tensor& lstm, at::IntArrayRef rows,
                                                              const at::Tensor& h, const at::Tensor& c) {
-  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
-  const std::vector<int64_t> starts = row_starts(rows, lstm.size(0), w.size(0));
+  const MetaLstmGroup group = check_meta_lstm(w, g, a_row, a_shared, lstm, rows, h, c);
+  const GroupLayout& L = group.layout;
   const at::Tensor wc = w.contiguous(), gc = g.contiguous(), ac = a_row.contiguous(), sc = a_shared.contiguous(),
                    lc = lstm.contiguous(), hc = h.contiguous(), cc = c.contiguous();
   at::Tensor h_new = new_buffer(h.sizes(), h.options());
   at::Tensor c_new = new_buffer(h.sizes(), h.options());
   at::Tensor gates = new_buffer({kNumCells, w.size(0), L.gates()}, h.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm", [&] {
-    forward<scalar_t>(L, starts, wc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
+    forward<scalar_t>(L, group.segments, wc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
                       sc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
                       cc.data_ptr<scalar_t>(), h_new.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(),
                       gates.data_ptr<scalar_t>());
@@ -275,9 +296,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cp
     const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
     const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
     const at::Tensor& gates) {
-  const GroupLayout L =
-      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates);
-  const std::vector<int64_t> starts = row_starts(rows, lstm.size(0), w.size(0));
+  const MetaLstmGroup group =
+      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, rows, h, c, h_new, c_new, gates);
+  const GroupLayout& L = group.layout;
   const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
                    ac = a_row.contiguous(), sc = a_shared.contiguous(), lc = lstm.contiguous(),
                    hc = h.contiguous(), cc = c.contiguous(), hn = h_new.contiguous(), cn = c_new.contiguous(),
@@ -287,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cp
   at::Tensor grad_h_in = new_buffer(h.sizes(), h.options());
   at::Tensor grad_c_in = new_buffer(h.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm_backward", [&] {
-    backward<scalar_t>(L, starts, dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+    backward<scalar_t>(L, group.segments, dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
                        gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                        lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(),
                        hn.data_ptr<scalar_t>(), cn.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(),

@@ -33,31 +33,32 @@ void check_hidden(const GroupLayout& L, int64_t tensors) {
               " tensors per group, got ", tensors);
 }
 
-// The row blocks of a group on `device`, built once per `rows` (groups keep their rows).
-RowTable row_table(at::IntArrayRef rows, int64_t tensors, int64_t total, const at::Device& device) {
+// The row blocks of a group's segments on `device`, built once per (`rows`, slots): groups
+// keep their rows.
+RowTable row_table(const Segments& segs, at::IntArrayRef rows, const at::Device& device) {
   static std::mutex mutex;
-  static std::map<std::pair<int, std::vector<int64_t>>, std::pair<at::Tensor, RowTable>> cache;
-  const std::vector<int64_t> starts = row_starts(rows, tensors, total);
+  static std::map<std::tuple<int, std::vector<int64_t>, int64_t>, std::pair<at::Tensor, RowTable>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto key = std::make_pair(static_cast<int>(device.index()), rows.vec());
+  auto key = std::make_tuple(static_cast<int>(device.index()), rows.vec(), segs.slots);
   auto found = cache.find(key);
   if (found != cache.end()) return found->second.second;
   std::vector<int64_t> blocks, first_block;
   int64_t num_blocks = 0;
-  for (size_t t = 0; t + 1 < starts.size(); ++t) {
+  for (int64_t e = 0; e < segs.count(); ++e) {
     first_block.push_back(num_blocks);
-    for (int64_t r = starts[t]; r < starts[t + 1]; r += kRowBlock, ++num_blocks) {
-      blocks.insert(blocks.end(), {static_cast<int64_t>(t), r, std::min<int64_t>(r + kRowBlock, starts[t + 1])});
+    const int64_t end = segs.starts[e + 1];
+    for (int64_t r = segs.starts[e]; r < end; r += kRowBlock, ++num_blocks) {
+      blocks.insert(blocks.end(), {segs.tensor(e), r, std::min<int64_t>(r + kRowBlock, end), e});
     }
   }
   first_block.push_back(num_blocks);
   std::vector<int64_t> packed(blocks);
-  packed.insert(packed.end(), starts.begin(), starts.end());
+  packed.insert(packed.end(), segs.starts.begin(), segs.starts.end());
   packed.insert(packed.end(), first_block.begin(), first_block.end());
   at::Tensor table = at::tensor(packed, at::TensorOptions().dtype(at::kLong)).to(device);
   const int64_t* base = table.data_ptr<int64_t>();
-  const int64_t G = tensors;
-  const RowTable view{base, base + 3 * num_blocks, base + 3 * num_blocks + G + 1, num_blocks, G};
+  const int64_t* starts = base + 4 * num_blocks;
+  const RowTable view{base, starts, starts + segs.count() + 1, num_blocks, segs.tensors(), segs.slots};
   cache.emplace(std::move(key), std::make_pair(table, view));
   return view;
 }
@@ -117,17 +118,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_lstm_cuda(const at::Tensor& 
                                                               const at::Tensor& a_row, const at::Tensor& a_shared,
                                                               const at::Tensor& lstm, at::IntArrayRef rows,
                                                               const at::Tensor& h, const at::Tensor& c) {
-  const GroupLayout L = check_meta_lstm(w, g, a_row, a_shared, lstm, h, c);
+  const MetaLstmGroup group = check_meta_lstm(w, g, a_row, a_shared, lstm, rows, h, c);
+  const GroupLayout& L = group.layout;
   check_cuda(w);
   check_hidden(L, lstm.size(0));
   const c10::cuda::CUDAGuard guard(w.device());
-  const RowTable table = row_table(rows, lstm.size(0), w.size(0), w.device());
+  const RowTable table = row_table(group.segments, rows, w.device());
   const at::Tensor wc = w.contiguous(), gc = g.contiguous(), ac = a_row.contiguous(), sc = a_shared.contiguous(),
                    lc = lstm.contiguous(), hc = h.contiguous(), cc = c.contiguous();
   at::Tensor h_new = new_buffer(h.sizes(), h.options());
   at::Tensor c_new = new_buffer(h.sizes(), h.options());
   at::Tensor gates = new_buffer({kNumCells, w.size(0), L.gates()}, h.options());
-  at::Tensor workspace = new_buffer({meta_lstm_forward_workspace(L, lstm.size(0))}, h.options());
+  at::Tensor workspace = new_buffer({meta_lstm_forward_workspace(L, table.segments())}, h.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm", [&] {
     C10_CUDA_CHECK(meta_lstm_forward<scalar_t>(
@@ -144,12 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cu
     const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
     const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
     const at::Tensor& gates) {
-  const GroupLayout L =
-      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, h, c, h_new, c_new, gates);
+  const MetaLstmGroup group =
+      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, rows, h, c, h_new, c_new, gates);
+  const GroupLayout& L = group.layout;
   check_cuda(w);
   check_hidden(L, lstm.size(0));
   const c10::cuda::CUDAGuard guard(w.device());
-  const RowTable table = row_table(rows, lstm.size(0), w.size(0), w.device());
+  const RowTable table = row_table(group.segments, rows, w.device());
   const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
                    ac = a_row.contiguous(), sc = a_shared.contiguous(), lc = lstm.contiguous(),
                    hc = h.contiguous(), cc = c.contiguous(), hn = h_new.contiguous(), cn = c_new.contiguous(),
@@ -158,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cu
   at::Tensor grad_lstm = new_buffer(lstm.sizes(), lstm.options());
   at::Tensor grad_h_in = new_buffer(h.sizes(), h.options());
   at::Tensor grad_c_in = new_buffer(h.sizes(), h.options());
-  at::Tensor workspace = new_buffer({meta_lstm_backward_workspace(L, lstm.size(0), w.size(0))}, h.options());
+  at::Tensor workspace = new_buffer({meta_lstm_backward_workspace(L, table.segments(), w.size(0))}, h.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm_backward", [&] {
     C10_CUDA_CHECK(meta_lstm_backward<scalar_t>(
@@ -178,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_update_cuda(const at::Tenso
   check_cuda(w);
   check_hidden(L, head.size(0));
   const c10::cuda::CUDAGuard guard(w.device());
-  const RowTable table = row_table(rows, head.size(0), w.size(0), w.device());
+  const RowTable table = row_table(head_segments(rows, head.size(0), w.size(0)), rows, w.device());
   const at::Tensor hc = h3.contiguous(), pc = head.contiguous(), wc = w.contiguous(), gc = g.contiguous();
   at::Tensor w_new = new_buffer(w.sizes(), w.options());
   at::Tensor delta = new_buffer(w.sizes(), w.options());
@@ -202,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> gated_update_backward_cuda(const at::Tensor& 
   check_cuda(g);
   check_hidden(L, head.size(0));
   const c10::cuda::CUDAGuard guard(g.device());
-  const RowTable table = row_table(rows, head.size(0), g.size(0), g.device());
+  const RowTable table = row_table(head_segments(rows, head.size(0), g.size(0)), rows, g.device());
   const at::Tensor dw = grad_w_new.contiguous(), dd = grad_delta.contiguous(), hc = h3.contiguous(),
                    pc = head.contiguous(), gc = g.contiguous(), tz = tanh_z.contiguous();
   at::Tensor grad_h3 = new_buffer(h3.sizes(), h3.options());

@@ -18,8 +18,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(GroupLayout L, RowTab
                                                            T* delta, T* tanh_z) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* hs = reinterpret_cast<T*>(shared_bytes);  // [kRowBlock][H]
-  const int64_t t = table.blocks[3 * blockIdx.x], r0 = table.blocks[3 * blockIdx.x + 1];
-  const int rows = static_cast<int>(table.blocks[3 * blockIdx.x + 2] - r0);
+  const int64_t t = table.tensor(blockIdx.x), r0 = table.begin(blockIdx.x);
+  const int rows = static_cast<int>(table.end(blockIdx.x) - r0);
   const int64_t H = L.H, K = L.K;
   for (int64_t e = threadIdx.x; e < kRowBlock * H; e += blockDim.x) {
     const int64_t r = e / H;
@@ -58,8 +58,7 @@ __global__ void __launch_bounds__(kThreads) grad_z_kernel(GroupLayout L, RowTabl
                                                           const T* grad_delta, const T* head, const T* g, T lr,
                                                           const T* tanh_z, T* grad_z, T* partials) {
   __shared__ double scratch[32];
-  const int64_t t = table.blocks[3 * blockIdx.x], r0 = table.blocks[3 * blockIdx.x + 1];
-  const int64_t r1 = table.blocks[3 * blockIdx.x + 2];
+  const int64_t t = table.tensor(blockIdx.x), r0 = table.begin(blockIdx.x), r1 = table.end(blockIdx.x);
   const int64_t K = L.K;
   const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const T s = head[t * L.head_size() + L.scale()];
@@ -80,8 +79,8 @@ __global__ void __launch_bounds__(kThreads) grad_z_kernel(GroupLayout L, RowTabl
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_h3_kernel(GroupLayout L, RowTable table, const T* head,
                                                            const T* grad_z, T* grad_h3) {
-  const int64_t t = table.blocks[3 * blockIdx.x], r0 = table.blocks[3 * blockIdx.x + 1];
-  const int rows = static_cast<int>(table.blocks[3 * blockIdx.x + 2] - r0);
+  const int64_t t = table.tensor(blockIdx.x), r0 = table.begin(blockIdx.x);
+  const int rows = static_cast<int>(table.end(blockIdx.x) - r0);
   const int64_t H = L.H, K = L.K;
   const T* w_out = head + t * L.head_size() + L.w_out();
   for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {

@@ -11,18 +11,27 @@
 
 namespace fastl2r::cuda {
 
-// Rows per block of the row-blocked kernels (a block never straddles two tensors).
+// Rows per block of the row-blocked kernels (a block never straddles two segments).
 constexpr int kRowBlock = 16;
 // Threads per block of every kernel (a multiple of 32).
 constexpr int kThreads = 256;
 
-// A group's row blocks, in device memory (binding.cpp builds and caches it per `rows`).
+// A group's row blocks, in device memory (binding.cpp builds and caches it per `rows` and
+// slot count).  The rows come in segments: segment e is episode slot e % slots of tensor
+// e / slots (op_common.h); the gated update's table has one slot, so a segment is a tensor.
 struct RowTable {
-  const int64_t* blocks;       // [num_blocks][3]: tensor, first row, end row
-  const int64_t* starts;       // [tensors + 1]: where each tensor's rows start, then R
-  const int64_t* first_block;  // [tensors + 1]: each tensor's first block, then num_blocks
+  const int64_t* blocks;       // [num_blocks][4]: tensor, first row, end row, segment
+  const int64_t* starts;       // [segments + 1]: where each segment's rows start, then R
+  const int64_t* first_block;  // [segments + 1]: each segment's first block, then num_blocks
   int64_t num_blocks;
   int64_t tensors;
+  int64_t slots;
+
+  FASTL2R_HOST_DEVICE int64_t segments() const { return tensors * slots; }
+  FASTL2R_HOST_DEVICE int64_t tensor(int64_t block) const { return blocks[4 * block]; }
+  FASTL2R_HOST_DEVICE int64_t begin(int64_t block) const { return blocks[4 * block + 1]; }
+  FASTL2R_HOST_DEVICE int64_t end(int64_t block) const { return blocks[4 * block + 2]; }
+  FASTL2R_HOST_DEVICE int64_t segment(int64_t block) const { return blocks[4 * block + 3]; }
 };
 
 // Channel means.  `table` (device, int64): per unique source tensor its (data pointer,
@@ -35,12 +44,12 @@ cudaError_t channel_means(const int64_t* table, int64_t sources, int64_t channel
 // The largest hidden size the meta-LSTM kernels take (4H gates over 256 threads, 4 each).
 constexpr int64_t kMaxHidden = 256;
 
-// Workspace sizes (elements of T) of the launchers below.
-inline int64_t meta_lstm_forward_workspace(const GroupLayout& L, int64_t tensors) {
-  return tensors * (L.num_scales() + L.gates());
+// Workspace sizes (elements of T) of the launchers below: per segment, scales (and cell 0's bias).
+inline int64_t meta_lstm_forward_workspace(const GroupLayout& L, int64_t segments) {
+  return segments * (L.num_scales() + L.gates());
 }
-inline int64_t meta_lstm_backward_workspace(const GroupLayout& L, int64_t tensors, int64_t rows) {
-  return tensors * L.num_scales() + kNumCells * rows * L.gates();
+inline int64_t meta_lstm_backward_workspace(const GroupLayout& L, int64_t segments, int64_t rows) {
+  return segments * L.num_scales() + kNumCells * rows * L.gates();
 }
 // The gated update's kernels take the K columns of a row block kThreads at a time.
 inline int64_t head_column_blocks(const GroupLayout& L) { return (L.K + kThreads - 1) / kThreads; }

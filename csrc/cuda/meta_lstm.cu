@@ -1,9 +1,12 @@
 // The grouped meta-LSTM on the GPU (fastl2r/ops/reference.py::meta_lstm).
 //
+// The rows come in segments, one per (tensor, episode slot) (launchers.h, RowTable): each
+// has its own RMS scales and shared input; its rows use its tensor's meta-net.
+//
 // Forward, two launches:
-//   prepare     one block per tensor: the inverse RMS of each feature block, and cell 0's
-//               bias plus its shared-input term (once per tensor, not per row);
-//   cells       one block per row block (at most kRowBlock rows of one tensor) runs all
+//   prepare     one block per segment: the inverse RMS of each feature block, and cell 0's
+//               bias plus its shared-input term (once per segment, not per row);
+//   cells       one block per row block (at most kRowBlock rows of one segment) runs all
 //               three cells: [input | h] @ [w_ih | w_hh]^T tiled through shared memory
 //               (each thread owns gate columns, registers hold a column for every row),
 //               then the fused gate/cell/ReLU pass; ReLU(h) stays in shared memory as
@@ -13,7 +16,7 @@
 //   cells       per row block, cells top-down: gate gradients (saved to the workspace),
 //               then ∂h, ∂c of the incoming state and ∂(ReLU input) or ∂w from them;
 //   weights     per (tensor, cell, gate rows, input columns): the meta-net's weight
-//               gradients summed over the tensor's rows.
+//               gradients summed over the tensor's rows of every slot, segment by segment.
 #include "device_common.cuh"
 #include "launchers.h"
 
@@ -32,17 +35,17 @@ __device__ __forceinline__ double inverse_rms(double sum_sq, int64_t count) {
   return 1.0 / (sqrt(sum_sq / static_cast<double>(count)) + kRmsEps);
 }
 
-// Per tensor: scales [S] (GroupLayout::num_scales) and, when bias0 is set, cell 0's
-// bias plus w_ih[:, Dr:] @ (a_shared / rms) [4H].
+// Per segment e: scales [NS] (GroupLayout::num_scales) and, when bias0 is set, cell 0's
+// bias plus w_ih[:, Dr:] @ (a_shared[e] / rms) [4H].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) prepare_kernel(GroupLayout L, const int64_t* starts, const T* w,
-                                                           const T* g, const T* a_row, const T* a_shared,
-                                                           const T* lstm, T* scales, T* bias0) {
+__global__ void __launch_bounds__(kThreads) prepare_kernel(GroupLayout L, RowTable table, const T* w, const T* g,
+                                                           const T* a_row, const T* a_shared, const T* lstm,
+                                                           T* scales, T* bias0) {
   __shared__ double scratch[32];
   __shared__ double shared_scale;
-  const int64_t t = blockIdx.x, r0 = starts[t], r1 = starts[t + 1];
+  const int64_t e = blockIdx.x, t = e / table.slots, r0 = table.starts[e], r1 = table.starts[e + 1];
   const int64_t n = (r1 - r0) * L.K;
-  T* s = scales + t * L.num_scales();
+  T* s = scales + e * L.num_scales();
   double sw = 0, sg = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double wv = w[r0 * L.K + i], gv = g[r0 * L.K + i];
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(GroupLayout L, const 
   }
   double ss = 0;
   for (int64_t d = threadIdx.x; d < L.Ds; d += blockDim.x) {
-    const double a = a_shared[t * L.Ds + d];
+    const double a = a_shared[e * L.Ds + d];
     ss += a * a;
   }
   ss = block_sum(ss, scratch);
@@ -82,8 +85,8 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(GroupLayout L, const 
   const T* b = lstm + t * L.lstm_size() + L.bias(0);
   for (int64_t q = threadIdx.x; q < L.gates(); q += blockDim.x) {
     T acc = b[q];
-    for (int64_t d = 0; d < L.Ds; ++d) acc += w_ih[q * D + Dr + d] * (a_shared[t * L.Ds + d] * scale);
-    bias0[t * L.gates() + q] = acc;
+    for (int64_t d = 0; d < L.Ds; ++d) acc += w_ih[q * D + Dr + d] * (a_shared[e * L.Ds + d] * scale);
+    bias0[e * L.gates() + q] = acc;
   }
 }
 
@@ -104,11 +107,11 @@ __global__ void __launch_bounds__(kThreads) cells_forward_kernel(GroupLayout L, 
   T* xs = reinterpret_cast<T*>(shared_bytes);
   T* act = xs + kRowBlock * kTile;
   T* gs = act + kRowBlock * L.H;
-  const int64_t t = table.blocks[3 * blockIdx.x], r0 = table.blocks[3 * blockIdx.x + 1];
-  const int rows = static_cast<int>(table.blocks[3 * blockIdx.x + 2] - r0);
+  const int64_t t = table.tensor(blockIdx.x), segment = table.segment(blockIdx.x), r0 = table.begin(blockIdx.x);
+  const int rows = static_cast<int>(table.end(blockIdx.x) - r0);
   const int64_t H = L.H, G4 = L.gates(), K = L.K, Dr = L.Dr();
   const T* net = lstm + t * L.lstm_size();
-  const T* s = scales + t * L.num_scales();
+  const T* s = scales + segment * L.num_scales();
 
   for (int cell = 0; cell < kNumCells; ++cell) {
     const int64_t in = cell == 0 ? Dr : H;  // row-varying input columns (cell 0's shared ones are in bias0)
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) cells_forward_kernel(GroupLayout L, 
         }
       }
     }
-    const T* bias = cell == 0 ? bias0 + t * G4 : net + L.bias(cell);
+    const T* bias = cell == 0 ? bias0 + segment * G4 : net + L.bias(cell);
 #pragma unroll
     for (int jt = 0; jt < JT; ++jt) {
       const int64_t q = threadIdx.x + jt * kThreads;
@@ -201,11 +204,11 @@ __global__ void __launch_bounds__(kThreads) cells_backward_kernel(GroupLayout L,
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* dgs = reinterpret_cast<T*>(shared_bytes);
   T* dxs = dgs + kRowBlock * L.gates();
-  const int64_t t = table.blocks[3 * blockIdx.x], r0 = table.blocks[3 * blockIdx.x + 1];
-  const int rows = static_cast<int>(table.blocks[3 * blockIdx.x + 2] - r0);
+  const int64_t t = table.tensor(blockIdx.x), r0 = table.begin(blockIdx.x);
+  const int rows = static_cast<int>(table.end(blockIdx.x) - r0);
   const int64_t H = L.H, G4 = L.gates(), K = L.K;
   const T* net = lstm + t * L.lstm_size();
-  const T scale_w = scales[t * L.num_scales() + L.scale_w()];
+  const T scale_w = scales[table.segment(blockIdx.x) * L.num_scales() + L.scale_w()];
 
   for (int cell = kNumCells - 1; cell >= 0; --cell) {
     __syncthreads();  // the cell above's gate gradients are consumed and its ∂ReLU(h) is written
@@ -262,9 +265,10 @@ __global__ void __launch_bounds__(kThreads) cells_backward_kernel(GroupLayout L,
 }
 
 // One thread: kGateRows gate rows × one input column of one cell of one tensor, where the
-// columns are [w_ih's (in), w_hh's (H), the bias (1)] and the bias's input is 1.
+// columns are [w_ih's (in), w_hh's (H), the bias (1)] and the bias's input is 1; the sum runs
+// over the tensor's segments (slots), each with its own scales and shared input.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) weight_grad_kernel(GroupLayout L, const int64_t* starts, int64_t R,
+__global__ void __launch_bounds__(kThreads) weight_grad_kernel(GroupLayout L, RowTable table, int64_t R,
                                                                const T* w, const T* g, const T* a_row,
                                                                const T* a_shared, const T* h, const T* h_new,
                                                                const T* scales, const T* grad_gates,
@@ -277,23 +281,25 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(GroupLayout L, co
   if (col > in + H) return;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kGateRows;
   if (q0 >= G4) return;
-  const T* s = scales + t * L.num_scales();
   T acc[kGateRows];
 #pragma unroll
   for (int k = 0; k < kGateRows; ++k) acc[k] = T(0);
-  for (int64_t row = starts[t]; row < starts[t + 1]; ++row) {
-    T x;
-    if (col == in + H) x = T(1);
-    else if (col >= in) x = h[(cell * R + row) * H + (col - in)];
-    else if (cell > 0) x = relu(h_new[((cell - 1) * R + row) * H + col]);
-    else if (col < K) x = w[row * K + col] * s[L.scale_w()];
-    else if (col < 2 * K) x = g[row * K + (col - K)] * s[L.scale_g()];
-    else if (col < Dr) x = a_row[row * L.Ar + (col - 2 * K)] * s[L.scale_a(col - 2 * K)];
-    else x = a_shared[t * L.Ds + (col - Dr)] * s[L.scale_shared()];
-    const T* dg = grad_gates + (cell * R + row) * G4 + q0;
+  for (int64_t segment = t * table.slots; segment < (t + 1) * table.slots; ++segment) {
+    const T* s = scales + segment * L.num_scales();
+    for (int64_t row = table.starts[segment]; row < table.starts[segment + 1]; ++row) {
+      T x;
+      if (col == in + H) x = T(1);
+      else if (col >= in) x = h[(cell * R + row) * H + (col - in)];
+      else if (cell > 0) x = relu(h_new[((cell - 1) * R + row) * H + col]);
+      else if (col < K) x = w[row * K + col] * s[L.scale_w()];
+      else if (col < 2 * K) x = g[row * K + (col - K)] * s[L.scale_g()];
+      else if (col < Dr) x = a_row[row * L.Ar + (col - 2 * K)] * s[L.scale_a(col - 2 * K)];
+      else x = a_shared[segment * L.Ds + (col - Dr)] * s[L.scale_shared()];
+      const T* dg = grad_gates + (cell * R + row) * G4 + q0;
 #pragma unroll
-    for (int k = 0; k < kGateRows; ++k) {
-      if (q0 + k < G4) acc[k] += dg[k] * x;
+      for (int k = 0; k < kGateRows; ++k) {
+        if (q0 + k < G4) acc[k] += dg[k] * x;
+      }
     }
   }
   T* out = grad_lstm + t * L.lstm_size();
@@ -335,9 +341,9 @@ cudaError_t meta_lstm_forward(const GroupLayout& L, const RowTable& table, int64
                               T* workspace, T* h_new, T* c_new, T* gates, cudaStream_t stream) {
   if (L.H > kMaxHidden) return cudaErrorInvalidValue;
   T* scales = workspace;
-  T* bias0 = workspace + table.tensors * L.num_scales();
-  prepare_kernel<T><<<static_cast<unsigned>(table.tensors), kThreads, 0, stream>>>(L, table.starts, w, g, a_row,
-                                                                                  a_shared, lstm, scales, bias0);
+  T* bias0 = workspace + table.segments() * L.num_scales();
+  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, stream>>>(L, table, w, g, a_row,
+                                                                                     a_shared, lstm, scales, bias0);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const int64_t per_thread = (L.gates() + kThreads - 1) / kThreads;
@@ -361,9 +367,9 @@ cudaError_t meta_lstm_backward(const GroupLayout& L, const RowTable& table, int6
                                cudaStream_t stream) {
   if (L.H > kMaxHidden) return cudaErrorInvalidValue;
   T* scales = workspace;
-  T* grad_gates = workspace + table.tensors * L.num_scales();
-  prepare_kernel<T><<<static_cast<unsigned>(table.tensors), kThreads, 0, stream>>>(
-      L, table.starts, w, g, a_row, a_shared, lstm, scales, static_cast<T*>(nullptr));
+  T* grad_gates = workspace + table.segments() * L.num_scales();
+  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, stream>>>(
+      L, table, w, g, a_row, a_shared, lstm, scales, static_cast<T*>(nullptr));
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const size_t bytes = backward_shared_bytes<T>(L);
@@ -378,8 +384,8 @@ cudaError_t meta_lstm_backward(const GroupLayout& L, const RowTable& table, int6
   const dim3 grid(static_cast<unsigned>((widest + kThreads - 1) / kThreads),
                   static_cast<unsigned>((L.gates() + kGateRows - 1) / kGateRows),
                   static_cast<unsigned>(table.tensors * kNumCells));
-  weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(L, table.starts, rows, w, g, a_row, a_shared, h, h_new,
-                                                       scales, grad_gates, grad_lstm);
+  weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(L, table, rows, w, g, a_row, a_shared, h, h_new, scales,
+                                                       grad_gates, grad_lstm);
   return cudaGetLastError();
 }
 
