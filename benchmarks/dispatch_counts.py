@@ -94,12 +94,16 @@ def count_update(arch: str, backend: str, device: str = "cpu", **hidden: int) ->
     return Counts(forward.ops, backward.ops, forward.views | backward.views)
 
 
+COUNT_BATCH = 4  # counts do not depend on tensor sizes: a small batch keeps 16 slots quick
+
+
 def count_inner_step(arch: str, backend: str, device: str = "cpu", window: int = 1, slots: int = 1,
                      **hidden: int) -> Counter:
     """Dispatches of one inner step of ``slots`` episodes side by side, with its meta-update
     (backward through ``window`` steps, Adam on θ)."""
-    rig = InnerStepRig(arch, device, slots=slots, **hidden)
+    rig = InnerStepRig(arch, device, slots=slots, batch_size=COUNT_BATCH, **hidden)
     with ops.use_backend(backend):
+        rig.step()  # fills the one-time caches (hashed element indices, slot index tables)
         rig.new_window(window)
         with DispatchCounter() as counter:
             rig.step()

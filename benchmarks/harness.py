@@ -229,9 +229,10 @@ class InnerStepRig:
     side by side, on random data and a randomly initialised ``w0``; no episode ever ends."""
 
     def __init__(self, arch: str = "resnet32_gn", device: str = "cpu", *, slots: int = 1, seed: int = 0,
-                 conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN):
+                 conv_hidden: int = CONV_HIDDEN, norm_hidden: int = NORM_HIDDEN, batch_size: int = 64):
         config = build_config("exp1", overrides=[f"arch={arch}", f"seed={seed}", f"metatrain.parallel_episodes={slots}",
-                                                 "metatrain.threshold=[1e9, 0, 1e9]", "metatrain.episode_steps=1000000"])
+                                                 "metatrain.threshold=[1e9, 0, 1e9]", "metatrain.episode_steps=1000000",
+                                                 f"metatrain.batch_size={batch_size}"])
         tasks = SyntheticTasks(config, device, seed=seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

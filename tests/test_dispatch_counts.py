@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from benchmarks.dispatch_counts import ARCHS, DispatchCounter, count_update
+from benchmarks.dispatch_counts import ARCHS, DispatchCounter, count_inner_step, count_update, host_reads
 from benchmarks.harness import skip_reason
 from fastl2r import ops
 from fastl2r.meta import MetaLearner, find_meta_tensors
@@ -111,3 +111,16 @@ def test_fused_op_count_does_not_grow_with_episode_slots(backend, device):
     assert count_group_ops(backend, device, 1) == count_group_ops(backend, device, 4)
     # The reference runs one (tensor, slot) at a time: its count grows, so the counter sees slots.
     assert sum(count_group_ops("reference", device, 4).values()) > sum(count_group_ops("reference", device, 1).values())
+
+
+def test_inner_step_dispatches_do_not_grow_with_episode_slots():
+    """S slots run as one folded computation: an inner step with its meta-update dispatches the
+    same operators for 4 slots as for 16 (for 1, a few more or fewer views and copies: folding a
+    single slot is a view), and reads nothing back to the host."""
+    reason = skip_reason("cpp", "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    counts = {s: count_inner_step("resnet8_gn", "cpp", "cpu", 1, s, **TINY) for s in (1, 4, 16)}
+    assert counts[4].ops == counts[16].ops
+    assert abs(counts[1].total - counts[16].total) <= 0.01 * counts[16].total, {s: c.total for s, c in counts.items()}
+    assert all(host_reads(c) == 0 for c in counts.values())
