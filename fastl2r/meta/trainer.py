@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import _io
 from ..data.sampler import SamplingSet, SlotSampler
+from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..experiments import curriculum_at
 from ..models import runs_slots, tapped_layers
@@ -115,7 +116,7 @@ class MetaTrainer:
     and ``pretrained_state`` will do)."""
 
     def __init__(self, workspace: Workspace, meta: Optional[MetaLearner] = None,
-                 run_dir: Optional[Path] = None):
+                 run_dir: Optional[Path] = None, ranks: Ranks = SINGLE):
         self.workspace = workspace
         self.config = workspace.config
         self.mt = self.config["metatrain"]
@@ -126,15 +127,24 @@ class MetaTrainer:
                 torch.manual_seed(self.config["seed"])
                 meta = MetaLearner(self.skeleton, lr=self.mt["lr"])
         self.meta = meta.to(self.device)
-        self.slots = self.mt["parallel_episodes"] or AUTO_SLOTS.get(self.device.type, 1)
+        # ``parallel_episodes`` counts the slots of the whole job; each rank runs its share.
+        self.ranks = ranks
+        self.total_slots = self.mt["parallel_episodes"] or AUTO_SLOTS.get(self.device.type, 1) * ranks.world
+        if self.total_slots % ranks.world:
+            raise UserError(f"metatrain.parallel_episodes={self.total_slots} episode slots do not divide among "
+                            f"{ranks.world} ranks; choose a multiple of {ranks.world}")
+        self.slots = self.total_slots // ranks.world
+        self.first_slot = ranks.rank * self.slots
         if self.slots > 1 and not runs_slots(self.skeleton, self.meta.head_prefix):
-            raise UserError(f"metatrain.parallel_episodes={self.slots}, but the {self.config['arch']} network does "
-                            "not fold episode slots (its layers are not Slot layers); set it to 1")
+            raise UserError(f"{self.slots} episode slots per process, but the {self.config['arch']} network does "
+                            "not fold episode slots (its layers are not Slot layers); set metatrain.parallel_episodes "
+                            f"to {ranks.world}")
         self.optimizer = MaskedAdam(list(self.meta.parameters()), self.mt["meta_lr"])
         # On the CPU the device is the host: reading whether any slot still runs waits for nothing,
         # so a window ends as soon as every slot has stopped (no idle steps).  On an accelerator
-        # nothing is read inside a window: stopped slots idle until it ends.
-        self.end_windows_early = self.device.type == "cpu"
+        # nothing is read inside a window: stopped slots idle until it ends (so do all ranks' slots,
+        # which step together).
+        self.end_windows_early = self.device.type == "cpu" and ranks.world == 1
         self.progress = TrainerProgress()
         self.run_dir = run_dir
         self.specs = self.config["tasks"]["meta_train"]
@@ -154,7 +164,8 @@ class MetaTrainer:
             self._dim = self.skeleton(self.sampler.images[:1].float()).shape[1]
         self._pool: Optional[dict] = None
         self.state = self._idle_state()
-        self.running: dict[int, RunningEpisode] = {}
+        self.running: dict[int, RunningEpisode] = {}  # by this rank's slot
+        self.pending: list[int] = []  # episodes to start again first (resumed on another slot layout)
         self._start = time.perf_counter()
         self._saved_at = time.perf_counter()
 
@@ -202,23 +213,34 @@ class MetaTrainer:
         """Per group of meta-nets, one slot's rows of each of its tensors (the slot layout)."""
         return [group.rows for group in self.meta.groups]
 
-    def start_episodes(self) -> None:
-        """Start the next episodes on the idle slots, in slot order (masked writes on the device)."""
+    def start_episodes(self) -> int:
+        """Start the next episodes on the idle slots of the whole job, in slot order (masked writes on
+        the device); returns the latest episode now running anywhere (-1: none)."""
         idle = [s for s in range(self.slots) if s not in self.running]
+        latest = max((e.episode for e in self.running.values()), default=-1)
+        job = self.ranks.all_gather((idle, latest))
         starts = []
-        for slot in idle:
-            if self.progress.started >= self.mt["episodes"]:
-                break
-            starts.append((slot, self.progress.started))
-            self.progress.started += 1
-        if not starts:
-            return
+        for rank, (rank_idle, rank_latest) in enumerate(job):
+            latest = max(latest, rank_latest)
+            for slot in rank_idle:
+                if self.pending:
+                    episode = self.pending.pop(0)
+                elif self.progress.started < self.mt["episodes"]:
+                    episode = self.progress.started
+                    self.progress.started += 1
+                else:
+                    break
+                latest = max(latest, episode)
+                if rank == self.ranks.rank:
+                    starts.append((slot, episode))
         fresh = []
         for slot, episode in starts:
             state, self.running[slot] = self._fresh_episode(episode)
             fresh.append(state)
-        self.state = self.state.put(self.group_rows, [slot for slot, _ in starts],
-                                    SlotState.join(fresh, self.group_rows))
+        if fresh:
+            self.state = self.state.put(self.group_rows, [slot for slot, _ in starts],
+                                        SlotState.join(fresh, self.group_rows))
+        return latest
 
     def _fresh_episode(self, episode: int) -> tuple[SlotState, RunningEpisode]:
         """Episode ``episode`` at its start, as a one-slot state: its classes and ``w0`` checkpoint
@@ -270,10 +292,9 @@ class MetaTrainer:
     def run_window(self) -> list[EpisodeRecord]:
         """Start episodes on idle slots, run one T-BPTT window on the device, then read its losses
         and the slots' ends once; returns the episodes that finished."""
-        self.start_episodes()
-        if not self.running:
+        latest = self.start_episodes()
+        if latest < 0:
             return []
-        latest = max(ep.episode for ep in self.running.values())
         _, length = curriculum_at(self.config, latest)
         losses, kept = self.window_steps(length, stop_early=self.end_windows_early)
         return self._record(losses.shape[0], losses, kept)
@@ -296,26 +317,34 @@ class MetaTrainer:
         """One inner step of every slot with its meta-update, on the device: returns the per-slot
         losses and which of them counted (``[S]`` each)."""
         state, losses = self.unroll.step(self.meta.snapshot(), self.state)
-        counted = state.active & torch.isfinite(losses)
-        gradient_finite = self.meta_update(losses, counted)
-        self.state, kept = self.unroll.finish(state, losses, gradient_finite)
+        gradient_finite, nonfinite_loss = self.meta_update(losses, state.active)
+        self.state, kept = self.unroll.finish(state, losses, gradient_finite, nonfinite_loss)
         return losses.detach(), kept
 
-    def meta_update(self, losses: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-        """An Adam step on θ from the mean of the counted slots' losses, back-propagated through the
-        current T-BPTT window; returns (on the device) whether θ's gradient was finite.  A step with
-        no counted slot or a non-finite gradient changes nothing."""
+    def meta_update(self, losses: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An Adam step on θ from the mean, over every rank's slots, of the counted losses' gradients
+        (back-propagated through the current T-BPTT window).  Returns, on the device, whether θ's
+        gradient was finite and whether any slot's loss was not.  A step with no counted slot or a
+        non-finite gradient changes nothing."""
         with nvtx_range("meta_backward"):
             params = list(self.meta.parameters())
-            objective = torch.where(counted, losses, 0).sum() / counted.sum().clamp(min=1)
-            grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+            counted = active & torch.isfinite(losses)
+            grads = torch.autograd.grad(torch.where(counted, losses, 0).sum(), params, retain_graph=True,
+                                        allow_unused=True)
             grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            counts = torch.stack([counted.sum(), (active & ~torch.isfinite(losses)).sum()]).to(params[0].dtype)
+            if self.ranks.world > 1:  # one bucket: every gradient and both counts, summed over the ranks
+                flat = self.ranks.all_sum(torch.cat([g.flatten() for g in grads] + [counts]))
+                grads = [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in params] + [2]), params)]
+                counts = flat[-2:]
+            grads = [g / counts[0].clamp(min=1) for g in grads]
             finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            self.optimizer.step(grads, finite & counted.any())
-        return finite
+            self.optimizer.step(grads, finite & (counts[0] > 0))
+        return finite, counts[1] > 0
 
     def _record(self, length: int, losses: torch.Tensor, kept: torch.Tensor) -> list[EpisodeRecord]:
-        """The window's one host read, and the bookkeeping of every slot's episode."""
+        """The window's one host read, the bookkeeping of every slot's episode, and the episodes
+        that finished on any rank (in episode order)."""
         st = self.state
         values = torch.cat([torch.where(kept, losses, torch.nan).flatten().double()]
                            + [t.double() for t in (st.active, st.ended, st.steps, st.phase)])
@@ -323,43 +352,67 @@ class MetaTrainer:
         S = self.slots
         table = [host[k * S:(k + 1) * S] for k in range(length)]
         active, ended, steps, phase = (host[length * S + i * S: length * S + (i + 1) * S] for i in range(4))
-        finished = []
-        self.progress.windows += 1
+        finished, new_steps = [], 0
         for slot in sorted(self.running):
             episode = self.running[slot]
             episode.losses += [row[slot] for row in table if not math.isnan(row[slot])]
-            self.progress.inner_steps += int(steps[slot]) - episode.steps
+            new_steps += int(steps[slot]) - episode.steps
             episode.steps = int(steps[slot])
             if active[slot]:
                 continue
             del self.running[slot]
             reason = END_REASONS[int(ended[slot])] if int(ended[slot]) != RUNNING else "horizon"
             losses_ = episode.losses
-            record = EpisodeRecord(episode.episode, int(steps[slot]), losses_[-1] if losses_ else float("nan"),
-                                   sum(losses_) / len(losses_) if losses_ else float("nan"), episode.threshold,
-                                   episode.tbptt, reason, episode.checkpoint, int(phase[slot]) + 1)
-            self.progress.nonfinite += reason == "nonfinite"
+            finished.append(EpisodeRecord(
+                episode.episode, int(steps[slot]), losses_[-1] if losses_ else float("nan"),
+                sum(losses_) / len(losses_) if losses_ else float("nan"), episode.threshold, episode.tbptt, reason,
+                episode.checkpoint, int(phase[slot]) + 1))
+        job = self.ranks.all_gather((finished, new_steps))
+        finished = sorted((record for records, _ in job for record in records), key=lambda r: r.episode)
+        self.progress.windows += 1
+        self.progress.inner_steps += sum(n for _, n in job)
+        for record in finished:
+            self.progress.nonfinite += record.ended_by == "nonfinite"
             self.progress.episode += 1
             self.progress.history.append(asdict(record))
-            finished.append(record)
         return finished
 
     # ----- checkpoints -----
-    def state_dict(self) -> dict:
+    def state_dict(self) -> Optional[dict]:
+        """Everything a resumption needs, on rank 0 (None on the others): θ, Adam, the progress,
+        and every slot of the job, one by one, with the episode it runs."""
+        slots = [_to(st.tensors(), "cpu") for st in self.state.split(self.group_rows)]
+        running = {self.first_slot + s: asdict(e) for s, e in self.running.items()}
+        job = self.ranks.all_gather((slots, running))
+        if not self.ranks.writer:
+            return None
         return {"meta": self.meta.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "slots": self.state.tensors(), "running": {s: asdict(e) for s, e in self.running.items()},
-                "progress": asdict(self.progress), "config": self.config}
+                "slots": [slot for rank_slots, _ in job for slot in rank_slots],
+                "running": {g: e for _, rank_running in job for g, e in rank_running.items()},
+                "pending": list(self.pending), "progress": asdict(self.progress), "config": self.config}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``'s content.  With the job's slot count unchanged every slot
+        goes on exactly (whatever the number of ranks); otherwise the running episodes start again."""
         self.meta.load_state_dict(state["meta"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.state = SlotState.from_tensors(_to(state["slots"], self.device))
-        self.running = {int(s): RunningEpisode(**e) for s, e in state["running"].items()}
         self.progress = TrainerProgress(**state["progress"])
+        running = {int(g): RunningEpisode(**e) for g, e in state["running"].items()}
+        self.pending = list(state["pending"])
+        if len(state["slots"]) == self.total_slots:
+            mine = [SlotState.from_tensors(_to(t, self.device)) for t in
+                    state["slots"][self.first_slot:self.first_slot + self.slots]]
+            self.state = SlotState.join(mine, self.group_rows)
+            self.running = {g - self.first_slot: e for g, e in running.items()
+                            if self.first_slot <= g < self.first_slot + self.slots}
+        else:
+            self.state, self.running = self._idle_state(), {}
+            self.pending = sorted(e.episode for e in running.values()) + self.pending
 
     def save(self) -> None:
-        if self.run_dir is not None:
-            _io.torch_save(self.state_dict(), self.run_dir / CHECKPOINT)
+        state = self.state_dict()
+        if self.run_dir is not None and state is not None:
+            _io.torch_save(state, self.run_dir / CHECKPOINT)
         self._saved_at = time.perf_counter()
 
     def resume(self, run_dir: Path) -> bool:
@@ -368,7 +421,7 @@ class MetaTrainer:
         if not path.exists():
             return False
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict(state)
         except Exception as exc:  # a corrupt or foreign file
             raise UserError(f"cannot resume from {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
@@ -383,9 +436,9 @@ class MetaTrainer:
         until = total if stop_after is None else min(stop_after, total)
         self._checkpoint_pool()  # pre-training w0 is not meta-training time
         self._start = time.perf_counter()
-        bar = tqdm(total=total, initial=self.progress.episode, desc="meta-training", disable=not progress,
-                   dynamic_ncols=True)
-        while self.progress.episode < until and (self.running or self.progress.started < total):
+        bar = tqdm(total=total, initial=self.progress.episode, desc="meta-training",
+                   disable=not (progress and self.ranks.writer), dynamic_ncols=True)
+        while self.progress.episode < until and self.progress.episode < total:
             before = self.progress.episode
             finished = self.run_window()
             bar.update(len(finished))
@@ -399,7 +452,7 @@ class MetaTrainer:
                 self._checkpoint()
         bar.close()
         self._checkpoint()
-        if self.run_dir is not None and self.progress.episode == total:
+        if self.run_dir is not None and self.ranks.writer and self.progress.episode == total:
             save_metalearner(self.meta, self.run_dir / METALEARNER, arch=self.config["arch"], config=self.config)
             _io.write_json(self.run_dir / "metatrain.json", asdict(self.progress))
         return self.meta

@@ -319,19 +319,19 @@ class Unroll:
         n = len(weights)
         return values[:n], dict(zip(plain, values[n:n + len(plain)])), values[n + len(plain):]
 
-    def finish(self, state: SlotState, losses: torch.Tensor, gradient_finite: torch.Tensor
-               ) -> tuple[SlotState, torch.Tensor]:
+    def finish(self, state: SlotState, losses: torch.Tensor, gradient_finite: torch.Tensor,
+               nonfinite_loss: torch.Tensor) -> tuple[SlotState, torch.Tensor]:
         """Advance the counters after the meta-update; slots whose phase ends move to the next new
         task (Experiment 5: the threshold rises by 5) or stop.  Also returns which slots' losses
         entered the meta-gradient and were kept (``[S]`` bool).
 
         A slot whose loss is not finite stops ("nonfinite"); if θ's gradient is not finite and no
-        slot's loss explains it, every slot that counted stops so."""
+        slot's loss explains it (``nonfinite_loss``: any slot of the job), every slot that counted
+        stops so."""
         active = state.active
         finite = torch.isfinite(losses)
         counted = active & finite
-        blamed = active & ~finite
-        blamed = blamed | (counted & ~gradient_finite & ~blamed.any())
+        blamed = (active & ~finite) | (counted & ~gradient_finite & ~nonfinite_loss)
         steps = state.steps + active
         phase_steps = state.phase_steps + active
         crossed = counted & ~blamed & (losses > state.threshold)
