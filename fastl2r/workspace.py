@@ -18,7 +18,8 @@ import torch.nn as nn
 from . import _io
 from .data import ImageDataset, Task, load_dataset, make_task, resolve_data_root
 from .errors import UserError
-from .models import ARCHITECTURES
+from .models import build_model
+from .runlog import RunLog
 from .supervised import head_accuracy, steps_for_epochs, train_supervised
 
 
@@ -28,16 +29,18 @@ def spec_key(obj) -> str:
 
 class Workspace:
     """Data, networks and cached checkpoints of one configuration (``experiments.build_config``);
-    ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show."""
+    ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show;
+    ``log`` takes the live logs (also to TensorBoard with ``tensorboard``)."""
 
     def __init__(self, config: dict, *, data_root=None, out_dir=None, device: str | torch.device = "cpu",
-                 progress: bool = True, download: bool = True):
+                 progress: bool = True, download: bool = True, tensorboard: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.data_root = resolve_data_root(data_root)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.download = download
+        self.log = RunLog(self.out_dir, tensorboard)
         self._datasets: dict[str, ImageDataset] = {}
         self._states: dict[tuple, dict] = {}
 
@@ -87,7 +90,7 @@ class Workspace:
     # ----- networks and the pre-trained w0 -----
     def new_model(self, head_classes: Sequence[int] = ()) -> nn.Module:
         channels = self.dataset(self.source_spec["dataset"]).channels
-        return ARCHITECTURES[self.config["arch"]](channels, head_classes).to(self.device)
+        return build_model(self.config["arch"], channels, head_classes).to(self.device)
 
     @property
     def cache_dir(self) -> Path:
