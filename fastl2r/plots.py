@@ -4,7 +4,7 @@ Readout figures: one panel per task, all on the same step axis, with a dotted li
 later task starts; at most ``MAX_BANDS`` methods' mean ± std bands share a panel (more methods
 take more rows, "ours" repeated as a plain line for reference); every line has markers at the
 readout steps, and a method whose values equal an earlier method's everywhere is drawn dashed
-with open markers and says so in the legend.  Legends sit outside the panels.
+with open markers, without a band of its own, and says so in the legend.  Legends sit outside the panels.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def figure_readout(results: dict) -> plt.Figure:
                 if name in same:
                     label += f" (= {LABELS.get(same[name], same[name])}, identical values)"
                 _line(ax, steps, results["methods"][name]["readout"][task], label, color, marker,
-                      band=name in row, same=name in same)
+                      band=name in row and name not in same, same=name in same)
             _step_axis(ax, steps, switches)
             if r == 0:
                 ax.set_title(f"Task {task[4:]}" + (" (A)" if task == "task1" else ""))

@@ -10,7 +10,7 @@ import torch
 import fastl2r
 from fastl2r.errors import UserError
 from fastl2r.experiments import build_config
-from fastl2r.methods import parse_methods
+from fastl2r.methods import method_class, parse_methods
 from fastl2r.models import MultiHeadNet
 from fastl2r.train import main
 from fastl2r.workspace import Workspace
@@ -82,5 +82,7 @@ def test_registration_mistakes_are_named(registries):
     workspace.dataset = lambda name: type("D", (), {"channels": 1})()
     with pytest.raises(UserError, match="without heads and add_head: wrap its backbone in"):
         workspace.new_model()
+    with pytest.raises(UserError, match="bare is not one: leave hat out with --methods"):
+        method_class("hat")(workspace, workspace.config["methods"]["hat"])
     with pytest.raises(UserError, match="unknown method 'nothing'"):
         parse_methods("ours,nothing")
