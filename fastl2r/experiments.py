@@ -363,7 +363,7 @@ def describe_experiment(experiment: str) -> str:
                      f"steps; meta-test {config['metatest']['steps_per_task']} steps per new task, readouts every "
                      f"{config['metatest']['eval_every']}; {config['runs']} runs")
     mt = CURRICULA[experiment]
-    lines.append(f"curriculum: loss threshold {mt['threshold'][0]:g} → {mt['threshold'][2]:g} (+{mt['threshold'][1]:g}) "
-                 f"and T-BPTT {mt['tbptt'][0]} → {mt['tbptt'][2]} (+{mt['tbptt'][1]}) every 300 paper episodes "
-                 f"(scaled with the episodes); λ = {mt['loss_scale']:g}")
+    (t0, dt, tcap), (s0, ds, scap) = mt["threshold"], mt["tbptt"]
+    lines.append(f"curriculum: loss threshold {t0:g} → {tcap:g} (+{dt:g}) and T-BPTT {s0} → {scap} (+{ds}) every "
+                 f"300 paper episodes (scaled with the episodes); λ = {mt['loss_scale']:g}")
     return "\n".join(lines)

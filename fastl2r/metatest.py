@@ -111,26 +111,31 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
 
 
 def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
-    """Meta-test ``methods`` over every run; returns the ``results.json`` content."""
-    instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
+    """Meta-test ``methods`` over every run; returns the ``results.json`` content.  One overall
+    progress line follows it (closed, with the bars under it, however it ends)."""
     m = ws.config["metatest"]
     overall = OverallProgress(methods, ws.config["runs"], m["steps_per_task"] * len(ws.config["tasks"]["meta_test"]),
                               enabled=ws.progress)
     try:
-        for method in instances:
-            overall.preparing(method.name)
-            method.prepare()
-        curves = {name: [] for name in methods}
-        task_names = []
-        for run in range(ws.config["runs"]):
-            tasks = run_tasks(ws, run)
-            task_names.append([t.name for t in tasks])
-            for method in instances:
-                overall.begin_run(method.name, run)
-                curves[method.name].append(run_method(ws, method, run, tasks, overall))
-                overall.end_run()
+        return _run_metatest(ws, methods, overall)
     finally:
         overall.close()
+
+
+def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress) -> dict:
+    instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
+    for method in instances:
+        overall.preparing(method.name)
+        method.prepare()
+    curves = {name: [] for name in methods}
+    task_names = []
+    for run in range(ws.config["runs"]):
+        tasks = run_tasks(ws, run)
+        task_names.append([t.name for t in tasks])
+        for method in instances:
+            overall.begin_run(method.name, run)
+            curves[method.name].append(run_method(ws, method, run, tasks, overall))
+            overall.end_run()
     results = summarise(ws.config, curves, task_names)
     for method in instances:
         results["methods"][method.name]["info"] = method.info()

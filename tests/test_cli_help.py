@@ -35,7 +35,8 @@ def test_an_experiments_help_describes_it(capsys):
 
 
 def test_version(capsys):
-    assert help_text(capsys, "--version").strip() == f"python -m fastl2r.train {__version__} (torch {torch.__version__})"
+    version = help_text(capsys, "--version").strip()
+    assert version == f"python -m fastl2r.train {__version__} (torch {torch.__version__})"
 
 
 def test_the_installed_entry_point():

@@ -86,3 +86,26 @@ def test_registration_mistakes_are_named(registries):
         method_class("hat")(workspace, workspace.config["methods"]["hat"])
     with pytest.raises(UserError, match="unknown method 'nothing'"):
         parse_methods("ours,nothing")
+
+
+def test_the_checkpoint_cache_tells_registered_data_and_networks_apart(registries, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    def register(value, width):
+        data = TensorDataset(torch.full((8, 1, 4, 4), value, dtype=torch.uint8), torch.arange(4).repeat(2))
+        fastl2r.register_dataset("tiny", (data, data),
+                                 split=fastl2r.ClassSplit(source=[0], meta_train=[1], meta_test=[2, 3], ways=1))
+        fastl2r.register_architecture("flat", lambda c, heads: MultiHeadNet(torch.nn.Linear(16 * c, width), width,
+                                                                            heads))
+
+    def cached(build_number):
+        config = build_config("exp2", suite="tiny", preset="smoke", overrides=['arch="flat"'])
+        workspace = Workspace(config, data_root=tmp_path, progress=False)
+        return workspace.cached_state("w0", 0, lambda: {"model": {}, "build": build_number})["build"]
+
+    register(0, 5)
+    assert cached(1) == 1 and cached(2) == 1  # the second time from the cache
+    register(7, 5)  # same name, other images
+    assert cached(3) == 3
+    register(7, 6)  # same name, other network shapes
+    assert cached(4) == 4 and cached(5) == 4

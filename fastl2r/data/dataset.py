@@ -2,6 +2,7 @@
 and the per-channel statistics used to normalise them."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,13 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """A hash of the images and labels (what a cached network trained on them depends on)."""
+        digest = hashlib.sha1()
+        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
 
     @classmethod
     def from_datasets(cls, name: str, train, test, *, classes: Optional[Sequence[str]] = None,

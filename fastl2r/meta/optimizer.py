@@ -58,8 +58,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         missing = [t.name for t in meta.meta_tensors if t.name not in own]
         mismatched = [t.name for t in meta.meta_tensors if t.name in own and tuple(own[t.name].shape) != t.shape]
         if missing or mismatched:
-            raise ValueError(f"the meta-learner was built for {meta.arch}, the model is {architecture_name(self.model)}: "
-                             f"missing {missing[:3]}, other shapes {mismatched[:3]}")
+            raise ValueError(f"the meta-learner was built for {meta.arch}, the model is "
+                             f"{architecture_name(self.model)}: missing {missing[:3]}, other shapes {mismatched[:3]}")
         meta_device = next(meta.parameters()).device
         model_device = next(iter(own.values())).device
         if meta_device != model_device:
@@ -97,8 +97,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for name in names:
             module_name = name.rpartition(".")[0]
             module = modules[module_name]
-            kind = "head" if is_head(name, self.meta.head_prefix) else (
-                f"{type(module).__name__} bias" if isinstance(module, (nn.Conv2d, nn.Linear)) else type(module).__name__)
+            kind = type(module).__name__
+            if is_head(name, self.meta.head_prefix):
+                kind = "head"
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                kind += " bias"
             kinds.setdefault(kind, []).append(name)
         listed = "; ".join(f"{kind}: {', '.join(group)}" for kind, group in kinds.items())
         warnings.warn(f"LearnedOptimizer: {len(names)} parameters have no meta-net and get plain SGD "
@@ -145,10 +148,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             hint = (" A torch.compile'd model sees only hooks that existed at its first compiled forward: "
                     "create the LearnedOptimizer before it.") if self.compiled else ""
             raise RuntimeError(f"{exc}{hint}") from None
-        weights = self.meta.flatten({n: p.to(dtype) for n, p in params.items()})
+        weights = self.meta.flatten({t.name: params[t.name].to(dtype) for t in self.meta.meta_tensors})
         grads = self.meta.flatten({t.name: params[t.name].grad.to(dtype) if params[t.name] in lr_of
                                    else torch.zeros(t.shape, dtype=dtype, device=device)
                                    for t in self.meta.meta_tensors})
+
         def lstm_state(t, group, key: str) -> torch.Tensor:
             p = params[t.name]
             return self.state[p][key] if p in self.state else torch.zeros(3, t.rows, group.dims.H, dtype=dtype,
