@@ -12,6 +12,22 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture
+def registries():
+    """Whatever a test registers (architectures, datasets and suites, methods) is gone after it."""
+    from fastl2r.data import DATASETS
+    from fastl2r.experiments import TASKS
+    from fastl2r.methods import METHOD_OPTIONS, METHODS
+    from fastl2r.models import ARCHITECTURES
+
+    tables = (ARCHITECTURES, DATASETS, METHODS, METHOD_OPTIONS, TASKS)
+    saved = [dict(table) for table in tables]
+    yield
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: end-to-end runs of the CLI")

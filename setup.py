@@ -85,6 +85,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     # nvtx names the NVTX ranges' domain; without it they come from torch.cuda.nvtx (fastl2r/profiling.py).
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"], "nvtx": ["nvtx>=0.2.5"]},
+    # tensorboard: only for --tensorboard (fastl2r/runlog.py); dev installs it so that its test runs.
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14"], "nvtx": ["nvtx>=0.2.5"],
+                    "tensorboard": ["tensorboard>=2.14"]},
     entry_points={"console_scripts": ["fastl2r-train=fastl2r.train:main"]},
 )

@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import UserError
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5")
-SUITES = ("paper", "fmnist")
 PRESETS = ("paper", "quick", "smoke")
 
 
@@ -68,8 +68,62 @@ TASKS: dict[str, dict[str, dict]] = {
                  "meta_test": [_drawn("fashion_mnist", (6, 7, 8, 9), 2)] * 2},
     },
 }
-for _suite in TASKS.values():  # Experiment 3: Experiment 2 on a pool of pre-trained checkpoints
-    _suite["exp3"] = {**copy.deepcopy(_suite["exp2"]), "checkpoint_pool": True}
+BUILT_IN_SUITES = tuple(TASKS)
+
+
+def add_exp3(suite: dict) -> None:
+    """Experiment 3: Experiment 2 on a pool of pre-trained checkpoints."""
+    suite["exp3"] = {**copy.deepcopy(suite["exp2"]), "checkpoint_pool": True}
+
+
+for _suite in TASKS.values():
+    add_exp3(_suite)
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """Which classes of a dataset play which part, for a suite built on it (``suite_from_split``):
+    Task A's classes, and the disjoint pools that meta-training and meta-test draw ``ways``-way
+    new tasks from."""
+
+    source: tuple[int, ...]
+    meta_train: tuple[int, ...]
+    meta_test: tuple[int, ...]
+    ways: int
+
+    def __post_init__(self) -> None:
+        parts = {"source": self.source, "meta_train": self.meta_train, "meta_test": self.meta_test}
+        for part, classes in parts.items():
+            object.__setattr__(self, part, tuple(int(c) for c in classes))
+        every = [c for classes in parts.values() for c in classes]
+        if len(set(every)) != len(every):
+            raise UserError(f"a class split's source, meta_train and meta_test classes must be disjoint, got {parts}")
+        if not self.source or not 1 <= self.ways <= min(len(self.meta_train), len(self.meta_test)):
+            raise UserError(f"a class split needs source classes and ways (got {self.ways}) between 1 and the size "
+                            f"of the smaller pool ({min(len(self.meta_train), len(self.meta_test))})")
+
+
+def suite_from_split(dataset: str, split: ClassSplit, arch: str | None = None) -> dict[str, dict]:
+    """The experiments a single dataset supports, as the ``fmnist`` suite lays them out: exp1 (the
+    meta-test pool's classes, first half of their images to meta-train on, second half to meta-test),
+    exp2 and exp3 (``ways`` classes drawn from each pool), exp5 (two draws from each pool, where the
+    pools hold ``2·ways``).  exp4 needs a second domain and is not derived.  ``arch``: every
+    experiment's network (default: resnet32_gn, resnet14_gn for exp5, as in the paper)."""
+    def tasks(experiment: str, **specs) -> dict:
+        return {"arch": arch or ("resnet14_gn" if experiment == "exp5" else "resnet32_gn"),
+                "source": _fixed(dataset, split.source), **specs}
+
+    suite = {
+        "exp1": tasks("exp1", meta_train=[_fixed(dataset, split.meta_test, "first_half")],
+                      meta_test=[_fixed(dataset, split.meta_test, "second_half")]),
+        "exp2": tasks("exp2", meta_train=[_drawn(dataset, split.meta_train, split.ways)],
+                      meta_test=[_drawn(dataset, split.meta_test, split.ways)]),
+    }
+    add_exp3(suite)
+    if min(len(split.meta_train), len(split.meta_test)) >= 2 * split.ways:
+        suite["exp5"] = tasks("exp5", meta_train=[_drawn(dataset, split.meta_train, split.ways)] * 2,
+                              meta_test=[_drawn(dataset, split.meta_test, split.ways)] * 2)
+    return suite
 
 # Everything a preset scales.  ``steps_per_task`` is the meta-test horizon of each new task, by
 # the number of tasks in a sequence (2: Task A then B; 3: Task A then two new ones, Experiment 5);
@@ -102,8 +156,10 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
                  runs: int | None = None, overrides: Iterable[str] = ()) -> dict:
     """The fully resolved configuration of one experiment."""
     _check_choice("experiment", experiment, EXPERIMENTS)
-    _check_choice("suite", suite, SUITES)
+    _check_choice("suite", suite, TASKS)
     _check_choice("preset", preset, PRESETS)
+    if experiment not in TASKS[suite]:
+        raise UserError(f"the {suite} suite has no {experiment}; it has {', '.join(sorted(TASKS[suite]))}")
     p = PRESET_VALUES[preset]
     tasks = copy.deepcopy(TASKS[suite][experiment])
     curriculum = copy.deepcopy(CURRICULA[experiment])
@@ -141,9 +197,12 @@ def method_options(p: dict) -> dict:
     The paper gives ``lr`` (0.1; 0.01 for SGD×0.1), LwF's α = 1.0, EWC's λ = 1.0 and HAT's
     s_max = 3.0 and c = 0.75; LwF's temperature 2 is Li & Hoiem's, HAT's embedding clamp Serrà et
     al.'s.  The rest are ours, chosen once on the meta-training split, never on meta-test: see
-    the docstrings of ``fastl2r.baselines.ewc``/``maml``/``rep``.
+    the docstrings of ``fastl2r.baselines.ewc``/``maml``/``rep``.  A registered method's options
+    are those it was registered with.
     """
-    return {
+    from .methods import METHOD_OPTIONS
+
+    built_in = {
         "ours": {"metalearner": ""},
         "sgd": {"lr": 0.1},
         "sgd_x0.1": {"lr": 0.01},
@@ -155,6 +214,7 @@ def method_options(p: dict) -> dict:
                  "meta_lr": 1e-3, "batch_size": p["batch_size"]},
         "rep": {"lr": 0.1, "epochs": p["pretrain_epochs"]},
     }
+    return {**built_in, **copy.deepcopy(METHOD_OPTIONS)}
 
 
 def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
@@ -230,10 +290,9 @@ def validate(config: dict) -> None:
                 value <= 0 if key in positive else value < 0):
             bound = "positive" if key in positive else "non-negative"
             raise UserError(f"{key} must be a {bound} finite number, got {value!r}")
-    from .models import ARCHITECTURES
+    from .models import check_arch
 
-    if config["arch"] not in ARCHITECTURES:
-        raise UserError(f"unknown arch {config['arch']!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    check_arch(config["arch"])
     from .meta.unroll import OBJECTIVES
 
     if config["metatrain"]["objective"] not in OBJECTIVES:
@@ -261,3 +320,50 @@ def curriculum_at(config: dict, episode: int) -> tuple[float, int]:
     t0, dt, tcap = mt["threshold"]
     s0, ds, scap = mt["tbptt"]
     return min(t0 + level * dt, tcap), min(s0 + level * ds, scap)
+
+
+def _classes(classes: Iterable[int]) -> str:
+    classes = list(classes)
+    if len(classes) > 2 and classes == list(range(classes[0], classes[-1] + 1)):
+        return f"{classes[0]}–{classes[-1]}"
+    return ", ".join(map(str, classes))
+
+
+def describe_task(spec: dict) -> str:
+    """A task spec in words: ``cifar10 classes 5–9 (first half of their images)``."""
+    part = {"all": "", "first_half": " (first half of their images)",
+            "second_half": " (second half of their images)"}[spec["train_part"]]
+    if "classes" in spec:
+        return f"{spec['dataset']} classes {_classes(spec['classes'])}{part}"
+    return f"{spec['ways']} classes drawn from {spec['dataset']} {_classes(spec['pool'])}{part}"
+
+
+def describe_tasks(specs: list[dict]) -> str:
+    """The new tasks of a sequence in words (Experiment 5's two draws from one pool said once)."""
+    if len(specs) > 1 and all(spec == specs[0] for spec in specs):
+        return f"{len(specs)} disjoint tasks, one after the other, of {describe_task(specs[0])}"
+    return " then ".join(describe_task(spec) for spec in specs)
+
+
+def describe_experiment(experiment: str) -> str:
+    """What ``experiment`` runs in every suite and preset (the text of ``EXP --help``)."""
+    suites = [s for s in TASKS if experiment in TASKS[s]]
+    lines = [f"{experiment} in each suite (--suite):"]
+    for suite in suites:
+        tasks = TASKS[suite][experiment]
+        lines.append(f"  {suite}: {tasks['arch']}; Task A = {describe_task(tasks['source'])}; meta-train on "
+                     f"{describe_tasks(tasks['meta_train'])}; meta-test on {describe_tasks(tasks['meta_test'])}"
+                     + ("; meta-training starts from a pool of pre-trained checkpoints, the meta-test from an "
+                        "unseen one" if tasks.get("checkpoint_pool") else ""))
+    lines.append("by preset (--preset):")
+    for preset in PRESETS:
+        config = build_config(experiment, suites[0], preset)
+        mt = config["metatrain"]
+        lines.append(f"  {preset}: {mt['episodes']} meta-training episodes of at most {mt['episode_steps']} inner "
+                     f"steps; meta-test {config['metatest']['steps_per_task']} steps per new task, readouts every "
+                     f"{config['metatest']['eval_every']}; {config['runs']} runs")
+    mt = CURRICULA[experiment]
+    (t0, dt, tcap), (s0, ds, scap) = mt["threshold"], mt["tbptt"]
+    lines.append(f"curriculum: loss threshold {t0:g} → {tcap:g} (+{dt:g}) and T-BPTT {s0} → {scap} (+{ds}) every "
+                 f"300 paper episodes (scaled with the episodes); λ = {mt['loss_scale']:g}")
+    return "\n".join(lines)

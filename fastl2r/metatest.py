@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import _io
 from .data import Task, TaskSampler
 from .methods import Method, method_class
+from .progress import OverallProgress
 from .readout import ReadoutSet
 from .workspace import Workspace
 
@@ -37,8 +38,8 @@ class TaskPair:
 
 def task_pair(ws: Workspace, spec: dict, classes: Sequence[int], seed: int = 0) -> TaskPair:
     ro = ws.config["readout"]
-    return TaskPair(ws.task(spec, classes), ReadoutSet(ws.task(spec, classes, readout=True, seed=seed), ws.device,
-                                                       steps=ro["steps"], lr=ro["lr"], seed=seed))
+    return TaskPair(ws.task(spec, classes), ReadoutSet(ws.task(spec, classes, readout=True, seed=seed),
+                                                       device=ws.device, steps=ro["steps"], lr=ro["lr"], seed=seed))
 
 
 def eval_steps(config: dict) -> list[int]:
@@ -58,16 +59,19 @@ def run_tasks(ws: Workspace, run: int) -> list[TaskPair]:
         task_pair(ws, spec, cls, seed=seed) for spec, cls in zip(specs, classes)]
 
 
-def run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
-    """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``.
+def run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair],
+               overall: Optional[OverallProgress] = None) -> dict[int, dict[int, tuple]]:
+    """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``, each
+    readout logged as it is made (``ws.log``); ``overall`` counts the steps.
     The global RNG (new heads' initialisation) is seeded by the run, so every method of a run
     starts its new heads from the same weights and a run repeats exactly."""
     with torch.random.fork_rng(devices=[ws.device] if ws.device.type == "cuda" else []):
         torch.manual_seed(ws.run_seed(run))
-        return _run_method(ws, method, run, tasks)
+        return _run_method(ws, method, run, tasks, overall)
 
 
-def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair]) -> dict[int, dict[int, tuple]]:
+def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair],
+                overall: Optional[OverallProgress]) -> dict[int, dict[int, tuple]]:
     m = ws.config["metatest"]
     steps, every = m["steps_per_task"], m["eval_every"]
     model = method.initial_model(run).to(ws.device)
@@ -79,6 +83,7 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
         for t in task_indices:
             r = tasks[t].readout.evaluate(learner.features(t), learner.head(t))
             curve.setdefault(step, {})[t] = (r.readout, r.original)
+            ws.log.readout(method.name, run, step, t, tasks[t].name, r.readout, r.original)
 
     new_tasks = tasks[1:]
     total = steps * len(new_tasks)
@@ -96,6 +101,8 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
         for step in range(1, steps + 1):
             learner.step(new.sample(), old.sample() if old is not None else None)
             bar.update(1)
+            if overall is not None:
+                overall.step()
             global_step = phase * steps + step
             if global_step % every == 0 or step == steps:
                 evaluate(global_step, range(index + 1))
@@ -104,9 +111,21 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
 
 
 def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
-    """Meta-test ``methods`` over every run; returns the ``results.json`` content."""
+    """Meta-test ``methods`` over every run; returns the ``results.json`` content.  One overall
+    progress line follows it (closed, with the bars under it, however it ends)."""
+    m = ws.config["metatest"]
+    overall = OverallProgress(methods, ws.config["runs"], m["steps_per_task"] * len(ws.config["tasks"]["meta_test"]),
+                              enabled=ws.progress)
+    try:
+        return _run_metatest(ws, methods, overall)
+    finally:
+        overall.close()
+
+
+def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress) -> dict:
     instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
     for method in instances:
+        overall.preparing(method.name)
         method.prepare()
     curves = {name: [] for name in methods}
     task_names = []
@@ -114,7 +133,9 @@ def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
         tasks = run_tasks(ws, run)
         task_names.append([t.name for t in tasks])
         for method in instances:
-            curves[method.name].append(run_method(ws, method, run, tasks))
+            overall.begin_run(method.name, run)
+            curves[method.name].append(run_method(ws, method, run, tasks, overall))
+            overall.end_run()
     results = summarise(ws.config, curves, task_names)
     for method in instances:
         results["methods"][method.name]["info"] = method.info()

@@ -19,8 +19,9 @@ from .errors import UserError
 from .workspace import Workspace
 
 
-# name -> "module:Class"; the order is the default order of ``--methods``.
-METHODS: dict[str, str] = {
+# name -> "module:Class" (built in) or the class (``fastl2r.register_method``); the order is the
+# default order of ``--methods``.
+METHODS: dict[str, str | type] = {
     "ours": "fastl2r.meta.ours:Ours",
     "sgd": "fastl2r.baselines.sgd:SGD",
     "sgd_x0.1": "fastl2r.baselines.sgd:SGDx01",
@@ -31,6 +32,8 @@ METHODS: dict[str, str] = {
     "maml": "fastl2r.baselines.maml:MAML",
     "rep": "fastl2r.baselines.rep:Rep",
 }
+BUILT_IN_METHODS = tuple(METHODS)
+METHOD_OPTIONS: dict[str, dict] = {}  # a registered method's options (``config["methods"][name]``)
 
 
 class Learner(abc.ABC):
@@ -87,6 +90,8 @@ class Method(abc.ABC):
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    if isinstance(METHODS[name], type):
+        return METHODS[name]
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -1,7 +1,8 @@
-"""Command line: ``python -m fastl2r.train exp1 --suite fmnist --preset smoke``.
+"""Command line: ``python -m fastl2r.train exp1 --suite fmnist --preset smoke`` (installed as
+``fastl2r-train``).
 
-A thin layer over ``fastl2r.metatest.run_metatest``.  Bad input prints one line on
-stderr and exits with status 2.
+A thin layer over ``fastl2r.metatest.run_metatest``.  Bad input prints one line on stderr and
+exits with status 2; Ctrl-C prints how to resume and exits with status 130.
 """
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from . import _io
+from . import __version__, _io
 from .errors import UserError
-from .experiments import EXPERIMENTS, PRESETS, SUITES, build_config
+from .experiments import EXPERIMENTS, PRESETS, TASKS, build_config, describe_experiment
 from .methods import METHODS, parse_methods
 from .metatest import run_metatest, save_results
+from .progress import close_bars
+from .registry import load_plugin
 from .workspace import Workspace
 
 
@@ -28,24 +32,49 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastl2r.train",
-                description="Reproduce an experiment of 'Learning to Remember from a Multi-Task Teacher': "
-                            "pre-train on Task A, meta-test every method on the new task(s), and write "
-                            "config.json, results.json, curves.csv and the figures into a run folder.")
-    p.add_argument("experiment", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}")
-    p.add_argument("--suite", default="paper",
-                   help="paper (CIFAR-10/100, Tiny-ImageNet) or fmnist (Fashion-MNIST, offline); default paper")
-    p.add_argument("--preset", default="paper",
-                   help="paper (full size, needs a GPU), quick (scaled down) or smoke (about a minute); "
-                        "default paper")
+def program_name() -> str:
+    """How this command was called: the installed ``fastl2r-train`` or the module."""
+    return "fastl2r-train" if Path(sys.argv[0]).name == "fastl2r-train" else "python -m fastl2r.train"
+
+
+HELP_WIDTH = 100
+
+
+def _one_of(names) -> str:
+    return "{" + ",".join(names) + "}"
+
+
+def build_parser(experiment: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; with ``experiment``, its help describes that experiment."""
+    from .models import ARCHITECTURES
+
+    general = ("Reproduce an experiment of 'Learning to Remember from a Multi-Task Teacher': pre-train on Task A, "
+               "meta-test every method on the new task(s), and write config.json, results.json, curves.csv, the "
+               "live logs (metatrain.csv, readouts.csv) and the figures into a run folder.")
+    text = [general] if experiment is None else [general, ""] + describe_experiment(experiment).splitlines()
+    p = _Parser(prog=program_name(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                usage=None if experiment is None else f"%(prog)s {experiment} [options]",
+                description="\n".join(textwrap.fill(line, HELP_WIDTH, subsequent_indent="      " if line[:1] == " "
+                                                     else "") for line in text),
+                epilog=None if experiment is not None else
+                f"'{program_name()} EXP --help' describes an experiment in every suite and preset.")
+    p.add_argument("experiment", nargs="?", metavar=_one_of(EXPERIMENTS), help="the experiment (Table 1 of the paper)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (torch {torch.__version__})")
+    p.add_argument("--suite", default="paper", metavar=_one_of(TASKS),
+                   help="paper (CIFAR-10/100, Tiny-ImageNet), fmnist (Fashion-MNIST, offline) or a registered "
+                        "dataset's; default paper")
+    p.add_argument("--preset", default="paper", metavar=_one_of(PRESETS),
+                   help="paper (full size, needs a GPU), quick (scaled down) or smoke (a few minutes); default paper")
     p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--arch", default=None, metavar=_one_of(ARCHITECTURES),
+                   help="the network (default: the experiment's; same as --set arch=\"NAME\")")
     p.add_argument("--runs", type=int, default=None, help="number of runs (default 5; 2 in the smoke preset)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--data-root", default=None, help="datasets and cached checkpoints "
                                                      "(default $FASTL2R_DATA, else ~/.cache/fastl2r)")
     p.add_argument("--out", default=None, help="run folder (default runs/EXP-SUITE-PRESET-TIME)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, metavar=_one_of(("cpu", "cuda")),
+                   help="default: cuda if available")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set metatest.eval_every=50 (repeatable)")
     p.add_argument("--metalearner", default=None, metavar="PATH",
@@ -53,8 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run in RUN_DIR with its own configuration "
                         "(meta-training restarts from its last checkpoint)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="a .py file or module that registers architectures, datasets or methods "
+                        "(fastl2r.register_*); repeatable, recorded for --resume")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log meta-training and readouts to TensorBoard in RUN_DIR/tensorboard "
+                        "(needs the tensorboard package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def load_plugins(argv: Sequence[str]) -> list[str]:
+    """Import the ``--plugin`` modules of ``argv`` (before the parser lists the registered names);
+    returns them as recorded for ``--resume`` (files by absolute path)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    specs = pre.parse_known_args(argv)[0].plugin
+    for spec in specs:
+        load_plugin(spec)
+    return [str(Path(spec).resolve()) if spec.endswith(".py") else spec for spec in specs]
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -127,16 +173,24 @@ LONG_CPU_RUN_PASSES = 200_000
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out_dir = None
     try:
-        args = build_parser().parse_args(argv)
+        plugins = load_plugins(argv)
+        args = build_parser(next((a for a in argv if a in EXPERIMENTS), None)).parse_args(argv)
         if args.resume is not None:
             config, methods = resumed_run(args)
+            for spec in config.pop("plugins", []):
+                if spec not in plugins:
+                    load_plugin(spec)
+                    plugins.append(spec)
             out = args.resume
         else:
             if args.experiment is None:
                 raise UserError("the following arguments are required: experiment (see --help)")
+            arch = [f"arch={json.dumps(args.arch)}"] if args.arch is not None else []
             config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
-                                  overrides=args.overrides)
+                                  overrides=arch + args.overrides)
             methods = parse_methods(args.methods)
             out = args.out
         if args.metalearner is not None:
@@ -149,9 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hours = estimate_seconds(config, device) / 3600
             print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
                   "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
-        _io.write_json(out_dir / "config.json", {**config, "methods_run": methods, "device": str(device)})
+        _io.write_json(out_dir / "config.json", {**config, "methods_run": methods, "device": str(device),
+                                                 "plugins": plugins})
         workspace = Workspace(config, data_root=args.data_root, out_dir=out_dir, device=device,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, tensorboard=args.tensorboard)
         start = time.perf_counter()
         results = run_metatest(workspace, methods)
         results["seconds"] = round(time.perf_counter() - start, 1)
@@ -159,6 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        close_bars()  # those the interrupt left open: nothing prints after the last line
+        where = (f"resume with: {program_name()} --resume {out_dir}" if out_dir is not None
+                 else "nothing was started")
+        print(f"\ninterrupted; {where}", file=sys.stderr)
+        return 130
     print(summary(results))
     print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")
     return 0

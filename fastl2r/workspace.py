@@ -6,6 +6,7 @@ and every pre-trained network is cached on disk under ``<data root>/checkpoints/
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -16,9 +17,10 @@ import torch
 import torch.nn as nn
 
 from . import _io
-from .data import ImageDataset, Task, load_dataset, make_task, resolve_data_root
+from .data import BUILT_IN_DATASETS, ImageDataset, Task, load_dataset, make_task, resolve_data_root
 from .errors import UserError
-from .models import ARCHITECTURES
+from .models import BUILT_IN_ARCHITECTURES, build_model
+from .runlog import RunLog
 from .supervised import head_accuracy, steps_for_epochs, train_supervised
 
 
@@ -28,16 +30,18 @@ def spec_key(obj) -> str:
 
 class Workspace:
     """Data, networks and cached checkpoints of one configuration (``experiments.build_config``);
-    ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show."""
+    ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show;
+    ``log`` takes the live logs (also to TensorBoard with ``tensorboard``)."""
 
     def __init__(self, config: dict, *, data_root=None, out_dir=None, device: str | torch.device = "cpu",
-                 progress: bool = True, download: bool = True):
+                 progress: bool = True, download: bool = True, tensorboard: bool = False):
         self.config = config
         self.device = torch.device(device)
         self.data_root = resolve_data_root(data_root)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.download = download
+        self.log = RunLog(self.out_dir, tensorboard)
         self._datasets: dict[str, ImageDataset] = {}
         self._states: dict[tuple, dict] = {}
 
@@ -87,7 +91,19 @@ class Workspace:
     # ----- networks and the pre-trained w0 -----
     def new_model(self, head_classes: Sequence[int] = ()) -> nn.Module:
         channels = self.dataset(self.source_spec["dataset"]).channels
-        return ARCHITECTURES[self.config["arch"]](channels, head_classes).to(self.device)
+        return build_model(self.config["arch"], channels, head_classes).to(self.device)
+
+    @functools.cached_property
+    def registered_fingerprint(self) -> dict:
+        """What identifies the registered (not built-in) datasets and architecture this configuration
+        uses — the datasets' content, the network's parameter shapes — for the checkpoint cache's key;
+        a built-in one is identified by its name."""
+        c = self.config
+        names = {spec["dataset"] for spec in [self.source_spec] + c["tasks"]["meta_train"] + c["tasks"]["meta_test"]}
+        found = {name: self.dataset(name).fingerprint() for name in sorted(names) if name not in BUILT_IN_DATASETS}
+        if c["arch"] not in BUILT_IN_ARCHITECTURES:
+            found["arch"] = spec_key([[n, list(p.shape)] for n, p in self.new_model().named_parameters()])
+        return found
 
     @property
     def cache_dir(self) -> Path:
@@ -96,10 +112,14 @@ class Workspace:
     def cached_state(self, kind: str, index: int, build: Callable[[], dict], extra: Optional[dict] = None) -> dict:
         """A network state of ``kind`` (``w0``, a baseline's backbone, ...) from the disk cache, or
         ``build()`` it and cache it.  The key holds everything that shapes it: architecture, Task A,
-        pre-training settings, seed, ``index`` and ``extra``; a JSON file beside it holds the facts."""
+        pre-training settings, seed, ``index``, ``extra`` and what identifies registered datasets and
+        architectures (``registered_fingerprint``); a JSON file beside it holds the facts."""
         c = self.config
-        key = spec_key({"kind": kind, "arch": c["arch"], "source": self.source_spec, "pretrain": c["pretrain"],
-                        "seed": c["seed"], "index": index, "extra": extra})
+        fields = {"kind": kind, "arch": c["arch"], "source": self.source_spec, "pretrain": c["pretrain"],
+                  "seed": c["seed"], "index": index, "extra": extra}
+        if self.registered_fingerprint:
+            fields["registered"] = self.registered_fingerprint
+        key = spec_key(fields)
         path = self.cache_dir / f"{kind}-{c['suite']}-{c['preset']}-seed{c['seed']}-{index}-{key}.pt"
         memo = (kind, index, key)
         if memo in self._states:

@@ -70,13 +70,10 @@ def test_one_inner_step_opens_the_phases_in_order(recorder):
 
 
 def test_readout_is_one_range(recorder):
-    task = types.SimpleNamespace(dataset=((0.5,), (0.25,)), num_classes=2,  # (mean, std) of one channel
-                                 train_images=lambda: torch.randint(0, 255, (6, 1, 8, 8), dtype=torch.uint8),
-                                 train_labels=lambda: torch.tensor([0, 1] * 3),
-                                 test_images=lambda: torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8),
-                                 test_labels=lambda: torch.tensor([0, 1] * 2))
+    train = (torch.randn(6, 1, 8, 8), torch.tensor([0, 1] * 3))
+    test = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1] * 2))
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    ReadoutSet(task, "cpu", steps=2).evaluate(net)
+    ReadoutSet(train, test, steps=2).evaluate(net)
     assert recorder.opened() == ["readout"]
 
 

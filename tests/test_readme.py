@@ -1,19 +1,24 @@
-"""The README's Python examples run as written."""
+"""The README's examples run as written, in a fresh folder, after the Quickstart."""
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+import torch
+
+from fastl2r.train import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def examples() -> dict[str, str]:
+def examples(language: str = "python") -> dict[str, str]:
     text = README.read_text()
-    return dict(re.findall(r"<!-- example: ([\w-]+) -->\s*```python\n(.*?)```", text, re.S))
+    return dict(re.findall(rf"<!-- example: ([\w-]+) -->\s*```{language}\n(.*?)```", text, re.S))
 
 
 def test_the_readme_has_its_examples_and_a_two_command_quickstart():
-    assert set(examples()) == {"readout", "experiment", "learned-optimizer"}
+    assert set(examples()) == {"readout", "experiment", "learned-optimizer", "extension"}
+    assert set(examples("bash")) == {"train-metalearner"}
     quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = [line for block in re.findall(r"```bash\n(.*?)```", quickstart, re.S)
                 for line in block.splitlines() if line.strip() and not line.startswith("#")]
@@ -29,19 +34,20 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("name", ["readout", "experiment"])
-def test_example_runs(name, workdir, capsys):
+@pytest.mark.parametrize("name", ["readout", "experiment", "extension"])
+def test_example_runs(name, workdir, registries, capsys):
     exec(compile(examples()[name], f"README:{name}", "exec"), {})
     assert capsys.readouterr().out.strip()
 
 
-def test_learned_optimizer_example_updates_the_model(workdir):
-    from fastl2r.meta import MetaLearner, save_metalearner
-    from fastl2r.models import resnet32_gn
-
-    save_metalearner(MetaLearner(resnet32_gn(1, [5])), workdir / "runs/exp1-fmnist-quick/metalearner.pt")
+def test_learned_optimizer_example_after_the_readme_command(workdir):
+    argv = shlex.split(examples("bash")["train-metalearner"])
+    assert argv[:3] == ["python", "-m", "fastl2r.train"]
+    assert main(argv[3:]) == 0
     scope = {}
     exec(compile(examples()["learned-optimizer"], "README:learned-optimizer", "exec"), scope)
-    model, meta = scope["model"], scope["meta"]
+    model, optimizer = scope["model"], scope["optimizer"]
     assert len(model.heads) == 2 and scope["step"] == 4
-    assert scope["optimizer"].state.h[0].abs().sum() > 0  # the meta-nets ran and kept their state
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    saved = torch.load(workdir / "runs" / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert any(state["h"].abs().sum() > 0 for state in saved["state"].values())  # the meta-nets ran, kept state

@@ -1,12 +1,15 @@
-"""The forgetting measure: a linear readout fitted with full-batch Adam (DESIGN §1.5)."""
-import numpy as np
+"""The forgetting measure: a linear readout fitted with full-batch Adam (DESIGN §1.5), on any
+module and data (DESIGN §7.3)."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from fastl2r.data import load_dataset, make_task
 from fastl2r.models import resnet14_gn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fastl2r.readout import ReadoutSet, linear_readout
 
 
@@ -53,7 +56,64 @@ def test_readout_set_measures_any_module_and_its_head(fashion_mnist):
     task = make_task(fashion_mnist, (0, 1), max_train=200, max_test=200, seed=0)
     torch.manual_seed(0)
     model = resnet14_gn(1, [2])
-    result = ReadoutSet(task, "cpu", steps=100).evaluate(model, model.heads[0])
+    result = ReadoutSet(task, device="cpu", steps=100).evaluate(model, model.heads[0])
     assert 0.0 <= result.original <= 1.0
     assert result.readout > 0.8  # T-shirt vs trouser: separable even from random features
-    assert ReadoutSet(task, "cpu", steps=100).evaluate(model).original is None
+    assert ReadoutSet(task, device="cpu", steps=100).evaluate(model).original is None
+
+
+def blobs(n, seed):
+    """Three classes of 2x6x6 inputs, each with its own mean image."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat(n)
+    centres = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(99))
+    return centres[labels] + 0.5 * torch.randn(len(labels), 2, 6, 6, generator=g), labels
+
+
+class ModeRecorder(nn.Module):
+    """A conv net with BatchNorm that returns a [N, 4, 6, 6] map and records its mode at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_any_module_on_datasets_loaders_or_tensors_with_pooled_maps():
+    torch.manual_seed(0)
+    (xtr, ytr), (xte, yte) = blobs(40, 1), blobs(20, 2)
+    model = ModeRecorder()
+    model.bn.eval()  # a mixed mode, as with frozen BatchNorm, must come back as it was
+    running_mean = model.bn.running_mean.clone()
+    with torch.no_grad():
+        model.eval()
+        expected = linear_readout(model(xtr).mean((2, 3)), ytr, model(xte).mean((2, 3)), yte, 3, steps=100)
+    model.train()
+    model.bn.eval()
+    model.modes.clear()
+    for train, test in [((xtr, ytr), (xte, yte)),
+                        (TensorDataset(xtr, ytr), DataLoader(TensorDataset(xte, yte), batch_size=7))]:
+        assert ReadoutSet(train, test, steps=100, batch_size=16).evaluate(model).readout == expected
+    assert expected > 0.6 and not any(model.modes)  # chance is 1/3; never in training mode
+    assert model.training and not model.bn.training and model.conv.training
+    assert torch.equal(model.bn.running_mean, running_mean)
+
+
+def test_other_outputs_need_a_feature_function():
+    data = blobs(10, 3)
+    tokens = nn.Sequential(nn.Flatten(2), nn.Linear(36, 5))  # [N, 2, 5]: not a map, not vectors
+    with pytest.raises(ValueError, match="pass features="):
+        ReadoutSet(data, data, steps=5).evaluate(tokens)
+    result = ReadoutSet(data, data, num_classes=4, steps=5).evaluate(tokens, features=lambda out: out.flatten(1))
+    assert 0.0 <= result.readout <= 1.0
+
+
+def test_a_task_holds_both_splits(fashion_mnist):
+    task = make_task(fashion_mnist, (0, 1), max_train=20, max_test=20)
+    with pytest.raises(TypeError, match="pass it alone"):
+        ReadoutSet(task, task)

@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import Batch, Task, TaskSampler
+from ..errors import UserError
 from ..methods import Learner, Method
-from ..models import ResNetGN
+from ..models import BUILT_IN_ARCHITECTURES, ResNetGN
 from ..supervised import head_accuracy, steps_for_epochs, warmup_cosine
+from ..workspace import Workspace
 
 COSH_CLAMP = 50.0  # Serrà et al.'s ``thres_cosh``: keeps cosh(s·e) finite
 
@@ -235,6 +237,12 @@ class HATLearner(Learner):
 
 class HAT(Method):
     name = "hat"
+
+    def __init__(self, workspace: Workspace, options: dict):
+        super().__init__(workspace, options)
+        if workspace.config["arch"] not in BUILT_IN_ARCHITECTURES:
+            raise UserError(f"hat gates the layers of the ResNet-GN architectures (a gate after each conv's "
+                            f"GroupNorm); {workspace.config['arch']} is not one: leave hat out with --methods")
 
     def network(self) -> HATNetwork:
         """A HAT network with Task A's head and embedding (weights not loaded)."""

@@ -6,11 +6,11 @@ The data root is ``--data-root``, else ``$FASTL2R_DATA``, else ``~/.cache/fastl2
 """
 from .dataset import ImageDataset, channel_stats, resolve_data_root
 from .download import FILES, MIRROR_ENV, RemoteFile
-from .loaders import DATASET_NAMES, load_dataset
+from .loaders import BUILT_IN_DATASETS, DATASETS, load_dataset
 from .sampler import Batch, TaskSampler, to_float
 from .tasks import TRAIN_PARTS, Task, make_task
 
 __all__ = [
-    "Batch", "DATASET_NAMES", "FILES", "ImageDataset", "MIRROR_ENV", "RemoteFile", "TRAIN_PARTS",
+    "Batch", "BUILT_IN_DATASETS", "DATASETS", "FILES", "ImageDataset", "MIRROR_ENV", "RemoteFile", "TRAIN_PARTS",
     "Task", "TaskSampler", "channel_stats", "load_dataset", "make_task", "resolve_data_root", "to_float",
 ]

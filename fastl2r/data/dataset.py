@@ -2,11 +2,14 @@
 and the per-channel statistics used to normalise them."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
 DATA_ENV = "FASTL2R_DATA"
 
@@ -51,6 +54,39 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """A hash of the images and labels (what a cached network trained on them depends on)."""
+        digest = hashlib.sha1()
+        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+    @classmethod
+    def from_datasets(cls, name: str, train, test, *, classes: Optional[Sequence[str]] = None,
+                      flip: bool = False) -> "ImageDataset":
+        """An ``ImageDataset`` from two ``torch.utils.data.Dataset`` of ``(image [C, H, W], label)`` pairs
+        (a ``TensorDataset``, say).  Images are uint8, or floats in [0, 1] stored as uint8 (``round(255·x)``);
+        ``classes`` default to the labels' numbers; ``flip``: whether augmentation may mirror them."""
+        splits = {}
+        for split, data in (("train", train), ("test", test)):
+            batches = list(DataLoader(data, batch_size=1024, shuffle=False))
+            if not batches or not all(isinstance(b, (list, tuple)) and len(b) == 2 for b in batches):
+                raise ValueError(f"{name}: the {split} dataset must hold (image, label) pairs, and at least one")
+            images = torch.cat([torch.as_tensor(b[0]) for b in batches])
+            if images.is_floating_point():
+                if images.min() < 0 or images.max() > 1:
+                    raise ValueError(f"{name}: float {split} images must lie in [0, 1] (they are stored as uint8)")
+                images = (images * 255).round().to(torch.uint8)
+            splits[split] = (images.contiguous(), torch.cat([torch.as_tensor(b[1]) for b in batches]).to(torch.int64))
+        labels = torch.cat([splits["train"][1], splits["test"][1]])
+        if labels.min() < 0:
+            raise ValueError(f"{name}: labels must be 0, 1, ...; found {int(labels.min())}")
+        classes = tuple(classes) if classes is not None else tuple(str(c) for c in range(int(labels.max()) + 1))
+        if int(labels.max()) >= len(classes):
+            raise ValueError(f"{name}: label {int(labels.max())} has no name among the {len(classes)} classes")
+        mean, std = channel_stats(splits["train"][0])
+        return cls(name, *splits["train"], *splits["test"], classes=classes, mean=mean, std=std, flip=flip)
 
     def __repr__(self) -> str:
         return (f"ImageDataset({self.name!r}, train={tuple(self.train_images.shape)}, "

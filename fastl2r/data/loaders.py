@@ -224,7 +224,7 @@ def _decode_jpeg(zf: zipfile.ZipFile, member: str) -> np.ndarray:
 
 def _decode_all(zf: zipfile.ZipFile, members: list[str], desc: str, progress: bool) -> torch.Tensor:
     out = np.empty((len(members), 32, 32, 3), dtype=np.uint8)
-    for i, member in enumerate(tqdm(members, desc=desc, unit="img", disable=not progress)):
+    for i, member in enumerate(tqdm(members, desc=desc, unit="img", disable=not progress, leave=False)):
         out[i] = _decode_jpeg(zf, member)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -322,19 +322,21 @@ def _load_digits() -> ImageDataset:
 
 # --- entry point -------------------------------------------------------------------------------
 
-_LOADERS: dict[str, Callable[[Path, bool, bool], ImageDataset]] = {
+# name -> loader(data root, download, progress); ``fastl2r.register_dataset`` adds to it.
+DATASETS: dict[str, Callable[[Path, bool, bool], ImageDataset]] = {
     "fashion_mnist": _load_fashion_mnist,
     "cifar10": partial(_load_cifar, "cifar10"),
     "cifar100": partial(_load_cifar, "cifar100"),
     "tiny_imagenet": _load_tiny_imagenet,
     "digits": lambda _root, _download, _progress: _load_digits(),
 }
-DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+BUILT_IN_DATASETS: tuple[str, ...] = tuple(DATASETS)
 
 
 def load_dataset(name: str, root=None, *, download: bool = True, progress: bool = True) -> ImageDataset:
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`) from the data root, downloading
+    """Load dataset ``name`` (a key of :data:`DATASETS`) from the data root, downloading
     and caching it there on first use (``download=False`` only looks)."""
-    if name not in _LOADERS:
-        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    return _LOADERS[name](resolve_data_root(root), download, progress)
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (or register your own "
+                        "with fastl2r.register_dataset)")
+    return DATASETS[name](resolve_data_root(root), download, progress)

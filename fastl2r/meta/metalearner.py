@@ -98,6 +98,11 @@ def find_meta_tensors(model: nn.Module, head_prefix: str = "heads", conv_hidden:
     return meta, plain
 
 
+def architecture_name(model: nn.Module) -> str:
+    """A name for ``model``'s architecture in messages: its ``arch_name`` if it has one, else its class."""
+    return getattr(model, "arch_name", None) or type(model).__name__
+
+
 @dataclass
 class MetaState:
     """Per-group recurrent state ``h, c [3, R, H]`` of every row's meta-LSTM."""
@@ -126,6 +131,8 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.lr = float(lr)
         self.head_prefix = head_prefix
+        self.conv_hidden, self.norm_hidden = conv_hidden, norm_hidden
+        self.arch = architecture_name(model)
         found, plain = find_meta_tensors(model, head_prefix, conv_hidden, norm_hidden)
         if not found:
             raise ValueError("the model has no Conv2d, GroupNorm or non-head Linear layer for a meta-net")
@@ -151,6 +158,10 @@ class MetaLearner(nn.Module):
     @property
     def meta_tensors(self) -> list[MetaTensor]:
         return [t for group in self.groups for t in group.tensors]
+
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The gated tensors' names and shapes: what a saved meta-learner must match."""
+        return [(t.name, t.shape) for t in self.meta_tensors]
 
     def plain_names(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` without a meta-net (heads, biases): they get plain SGD."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import Batch
+from ..data import Batch, Task
 from ..methods import Learner, Method
 from .metalearner import MetaLearner
 from .optimizer import LearnedOptimizer, load_metalearner
@@ -26,6 +26,10 @@ class OursLearner(Learner):
         self.record_every = record_every
         self.steps = 0
         self.deltas = deltas
+
+    def begin_task(self, task_index: int, task: Task) -> None:
+        super().begin_task(task_index, task)
+        self.optimizer.add_param_group({"params": self.model.heads[task_index].parameters()})
 
     def step(self, new: Batch, old: Optional[Batch]) -> None:
         loss = F.cross_entropy(self.model.heads[self.task_index](self.model(new.x)), new.y)
@@ -69,7 +73,7 @@ class Ours(Method):
             trainer = MetaTrainer(ws, run_dir=ws.out_dir)
             if ws.out_dir is not None:
                 trainer.resume(ws.out_dir)
-            self.meta = trainer.train(progress=ws.progress)
+            self.meta = trainer.train(progress=ws.progress, on_episode=ws.log.episode)
             self.history = trainer.progress.history
             p = trainer.progress
             self.training = {"episodes": p.episode, "inner_steps": p.inner_steps, "nonfinite_episodes": p.nonfinite,

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,8 @@ CHECKPOINT = "metatrain_checkpoint.pt"
 METALEARNER = "metalearner.pt"
 # Slots per device when ``metatrain.parallel_episodes`` is 0 (auto).  On the CPU, measured: a
 # folded network of S slots costs more than S networks (grouped convolutions are slower than
-# plain ones in oneDNN), so one slot is fastest.  On CUDA: provisional, until measured.
+# plain ones in oneDNN), so one slot is fastest.  On CUDA: provisional, until measured.  An
+# architecture without Slot layers runs one slot.
 AUTO_SLOTS = {"cpu": 1, "cuda": 16}
 
 
@@ -127,15 +128,18 @@ class MetaTrainer:
                 torch.manual_seed(self.config["seed"])
                 meta = MetaLearner(self.skeleton, lr=self.mt["lr"])
         self.meta = meta.to(self.device)
-        # ``parallel_episodes`` counts the slots of the whole job; each rank runs its share.
+        # ``parallel_episodes`` counts the slots of the whole job; each rank runs its share.  A network
+        # whose layers do not fold slots runs one per rank.
         self.ranks = ranks
-        self.total_slots = self.mt["parallel_episodes"] or AUTO_SLOTS.get(self.device.type, 1) * ranks.world
+        folds = runs_slots(self.skeleton, self.meta.head_prefix)
+        per_device = AUTO_SLOTS.get(self.device.type, 1) if folds else 1
+        self.total_slots = self.mt["parallel_episodes"] or per_device * ranks.world
         if self.total_slots % ranks.world:
             raise UserError(f"metatrain.parallel_episodes={self.total_slots} episode slots do not divide among "
                             f"{ranks.world} ranks; choose a multiple of {ranks.world}")
         self.slots = self.total_slots // ranks.world
         self.first_slot = ranks.rank * self.slots
-        if self.slots > 1 and not runs_slots(self.skeleton, self.meta.head_prefix):
+        if self.slots > 1 and not folds:
             raise UserError(f"{self.slots} episode slots per process, but the {self.config['arch']} network does "
                             "not fold episode slots (its layers are not Slot layers); set metatrain.parallel_episodes "
                             f"to {ranks.world}")
@@ -428,20 +432,25 @@ class MetaTrainer:
         return True
 
     # ----- the whole run -----
-    def train(self, progress: bool = True, stop_after: Optional[int] = None) -> MetaLearner:
+    def train(self, progress: bool = True, stop_after: Optional[int] = None,
+              on_episode: Optional[Callable[[dict], None]] = None) -> MetaLearner:
         """Run the remaining episodes (until ``stop_after`` have finished, if given), a window at a
         time, checkpointing every ``save_every`` finished episodes, every ``checkpoint_minutes`` and
-        at the end; the finished meta-learner goes to ``metalearner.pt``."""
+        at the end; the finished meta-learner goes to ``metalearner.pt``.  ``on_episode`` gets each
+        finished episode's record (``EpisodeRecord`` as a dict) as it finishes."""
         total = self.mt["episodes"]
         until = total if stop_after is None else min(stop_after, total)
         self._checkpoint_pool()  # pre-training w0 is not meta-training time
         self._start = time.perf_counter()
         bar = tqdm(total=total, initial=self.progress.episode, desc="meta-training",
-                   disable=not (progress and self.ranks.writer), dynamic_ncols=True)
+                   disable=not (progress and self.ranks.writer), leave=False, dynamic_ncols=True)
         while self.progress.episode < until and self.progress.episode < total:
             before = self.progress.episode
             finished = self.run_window()
             bar.update(len(finished))
+            if on_episode is not None:
+                for record in finished:
+                    on_episode(asdict(record))
             if finished:
                 last = finished[-1]
                 bar.set_postfix(ep=last.episode, loss=f"{last.final_loss:.2f}", thr=last.threshold,

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .heads import MultiHead
+
 CHANNELS_PER_GROUP = 4  # GroupNorm groups of 4 channels (ours)
 WIDTHS = (16, 32, 64)
 
@@ -75,7 +77,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNetGN(nn.Module):
+class ResNetGN(MultiHead):
     """3 stages of ``blocks_per_stage`` BasicBlocks at widths 16/32/64; depth = 6n + 2."""
 
     representation_dim = WIDTHS[-1]
@@ -106,21 +108,13 @@ class ResNetGN(nn.Module):
         out = self.blocks(out)
         return out.mean(dim=(2, 3))
 
-    def add_head(self, num_classes: int) -> int:
-        """Append a fresh ``Linear(64, num_classes)`` head; returns its task index."""
-        head = nn.Linear(self.representation_dim, num_classes)
-        param = next(self.parameters(), None)
-        if param is not None:
-            head = head.to(device=param.device, dtype=param.dtype)
-        self.heads.append(head)
-        return len(self.heads) - 1
-
-    def logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        return self.heads[task](self(x))
-
     @property
     def depth(self) -> int:
         return 6 * self.blocks_per_stage + 2
+
+    @property
+    def arch_name(self) -> str:
+        return f"resnet{self.depth}_gn"
 
 
 def resnet32_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
@@ -134,9 +128,6 @@ def resnet14_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNe
 def resnet8_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
     """One block per stage: not in the paper; for tests and fast trials (``--set arch=resnet8_gn``)."""
     return ResNetGN(1, in_channels, head_classes)
-
-
-ARCHITECTURES = {"resnet32_gn": resnet32_gn, "resnet14_gn": resnet14_gn, "resnet8_gn": resnet8_gn}
 
 
 def runs_slots(model: nn.Module, head_prefix: str = "heads") -> bool:

@@ -100,9 +100,13 @@ class ActivationTaps:
         self._activations: list[Optional[torch.Tensor]] = [None] * (2 * len(self.layers))
         self._handles = _register(model, self.layers, self._activations)
 
-    def means(self) -> torch.Tensor:
-        """The means of the last forward pass (see ``activation_means``)."""
-        return activation_means(self.layers, self._activations)
+    def means(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The means of the last forward pass (see ``activation_means``), in ``dtype`` if given
+        (under ``torch.autocast`` a network's activations come in several dtypes)."""
+        activations = self._activations
+        if dtype is not None:
+            activations = [a if a is None or a.dtype == dtype else a.to(dtype) for a in activations]
+        return activation_means(self.layers, activations)
 
     def clear(self) -> None:
         """Drop the recorded activations (they keep the forward's memory alive)."""
