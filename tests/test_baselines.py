@@ -15,6 +15,7 @@ from fastl2r.baselines.maml import adapted_head, query_loss
 from fastl2r.baselines.rep import Rep, representation_tasks
 from fastl2r.data import Batch
 from fastl2r.experiments import build_config
+from fastl2r.metatest import run_tasks
 from fastl2r.models import resnet8_gn
 from fastl2r.workspace import Workspace
 from fastl2r.train import main
@@ -299,7 +300,7 @@ def test_rep_trains_on_task_a_and_the_meta_training_classes_only(tmp_path, exper
     exp = fmnist_experiment(experiment, tmp_path)
     tasks = representation_tasks(exp)
     assert [t.classes for t in tasks] == [tuple(source), tuple(meta_train)]
-    meta_test = exp.run_tasks(0)[1:]
+    meta_test = run_tasks(exp, 0)[1:]
     for test_task in meta_test:
         seen = set(tasks[1].train_index.tolist())
         assert not seen & set(test_task.train.train_index.tolist())  # exp1: the other half of the images
