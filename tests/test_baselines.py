@@ -15,6 +15,7 @@ from fastl2r.baselines.maml import adapted_head, query_loss
 from fastl2r.baselines.rep import Rep, representation_tasks
 from fastl2r.data import Batch
 from fastl2r.experiments import build_config
+from fastl2r.metatest import run_tasks
 from fastl2r.models import resnet8_gn
 from fastl2r.metatest import run_tasks
 from fastl2r.workspace import Workspace

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..models.taps import TappedLayer, is_head, tapped_layers
+from ..models.taps import TappedLayer, tapped_layers
 from ..ops import NUM_CELLS, GroupDims, unpack_head, unpack_lstm
 
 CONV_HIDDEN = 64
