@@ -17,7 +17,6 @@ from fastl2r.data import Batch
 from fastl2r.experiments import build_config
 from fastl2r.metatest import run_tasks
 from fastl2r.models import resnet8_gn
-from fastl2r.metatest import run_tasks
 from fastl2r.workspace import Workspace
 from fastl2r.train import main
 
