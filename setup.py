@@ -22,6 +22,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .`."
     ) from exc
 
+# The Triton kernels live in kernels/ at the top level and install as fastl2r.kernels (package_dir
+# below); the developer tools of tools/ (the kernels' compile and spill check) are not installed.
 packages = find_packages(include=["fastl2r", "fastl2r.*"]) + ["fastl2r.kernels"]
 
 
@@ -52,12 +54,15 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    # csrc/README.md: every op's schema and CPU kernel, the shared CPU pieces; its CUDA kernel and
+    # the torch-facing CUDA module.
     extensions = [CppExtension(
-        "fastl2r._C", sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+        "fastl2r._C", ["csrc/common/module.cpp", "csrc/common/gemm.cpp",
+                       *sorted(glob.glob("csrc/*/schema.cpp") + glob.glob("csrc/*/cpu.cpp"))],
         extra_compile_args={"cxx": ["-O3", *openmp]}, extra_link_args=openmp)]
     if _cuda_wanted():
         extensions.append(CUDAExtension(
-            "fastl2r._C_cuda", sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
+            "fastl2r._C_cuda", ["csrc/common/cuda_module.cpp", *sorted(glob.glob("csrc/*/cuda.cu"))],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

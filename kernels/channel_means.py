@@ -107,7 +107,7 @@ def _as_ncs(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().flatten(2)
 
 
-def _tables(views: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tables(views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The per-tensor table and the work items, cached per list signature (sizes, strides)."""
     signature = tuple((tuple(v.shape), tuple(v.stride())) for v in views)
 
@@ -125,12 +125,13 @@ def _tables(views: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.
             out += [[t, c] for c in range(0, C, step)]
         return out
 
-    meta_table = cached_table("channel_means_meta", signature, meta, device, torch.int64)
-    item_table = cached_table("channel_means_items", signature, items, device)
+    meta_table = cached_table("channel_means_meta", signature, meta, views[0], torch.int64)
+    item_table = cached_table("channel_means_items", signature, items, views[0])
     return meta_table, item_table, sum(C for (N, C, S), _ in signature)
 
 
 def channel_count(activations: Sequence[torch.Tensor]) -> int:
+    """The length of the op's output: every activation's channels."""
     return sum(x.shape[1] for x in activations)
 
 
@@ -138,7 +139,7 @@ def launch_channel_means(activations: Sequence[torch.Tensor], out: torch.Tensor)
     """Write every per-channel mean of ``activations`` (one dtype, one device) into ``out [sum C]``."""
     views = [_as_ncs(x) for x in activations]
     device = views[0].device
-    meta_table, item_table, total = _tables(views, device)
+    meta_table, item_table, total = _tables(views)
     if out.shape != (total,):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected ({total},)")
     pointers = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64)
@@ -151,6 +152,8 @@ def launch_channel_means(activations: Sequence[torch.Tensor], out: torch.Tensor)
     return out
 
 
+# A custom op, opaque to torch.compile, not a triton_op (``define_op``): the kernel reaches the
+# activations through a table of their addresses, which a traced graph cannot hold.
 @torch.library.custom_op("fastl2r_triton::channel_means", mutates_args=())
 def channel_means(activations: list[torch.Tensor]) -> torch.Tensor:
     """Per-channel means (over every dim but 1) of each activation, concatenated; no gradient."""

@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastl2r.ops.layout import GroupDims, unpack_head
+from fastl2r.ops.layout import GroupDims
 
-from . import (TL_DTYPES, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks, row_offsets,
-               tanh, view_offsets)
+from . import (TL_DTYPES, cached_table, compute_dtype, define_op, new_output, next_pow2, row_block, row_blocks,
+               row_offsets, tanh, wrap_triton)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ INTERPRETER_BLOCKS = Blocks(rows=64, k=128)
 
 
 def default_blocks(device: torch.device) -> Blocks:
+    """The block sizes for tensors on ``device``: the interpreter's on a CPU, the GPU's elsewhere."""
     return INTERPRETER_BLOCKS if device.type == "cpu" else GPU_BLOCKS
 
 
@@ -153,7 +154,7 @@ def _backward_weights_kernel(h3, dpre, row_sums, offsets, dhead,
 # -------------------------------------------------------------------------------------------- launchers
 def _constants(K: int, H: int, dtype: torch.dtype) -> dict:
     dims = GroupDims(K=K, Ar=0, Ds=0, H=H)
-    _, b_out, scale = view_offsets(unpack_head(torch.empty(1, dims.head_size, device="meta"), dims))
+    _, b_out, scale = dims.head_offsets()
     return dict(K=K, H=H, HP=next_pow2(H, 16), P=dims.head_size, B_OUT=b_out, SCALE=scale,
                 ACC=TL_DTYPES[compute_dtype(dtype)])
 
@@ -161,7 +162,7 @@ def _constants(K: int, H: int, dtype: torch.dtype) -> dict:
 def _step_size(lr: float, like: torch.Tensor) -> torch.Tensor:
     """``lr`` as a one-element tensor in the compute dtype: a Python float would reach the kernel
     as float32, which float64 results cannot afford."""
-    return cached_table("step_size", (float(lr),), lambda: [float(lr)], like.device, compute_dtype(like.dtype))
+    return cached_table("step_size", (float(lr),), lambda: [float(lr)], like, compute_dtype(like.dtype))
 
 
 def launch_forward(h3, head, w, g, rows: Sequence[int], lr: float, w_new, delta,
@@ -170,8 +171,8 @@ def launch_forward(h3, head, w, g, rows: Sequence[int], lr: float, w_new, delta,
     h3, head, w, g = (t.contiguous() for t in (h3, head, w, g))
     bs = blocks or default_blocks(w.device)
     K, H = w.shape[1], h3.shape[1]
-    table = row_blocks(rows, bs.rows, w.device)
-    _forward_kernel[(table.shape[0], triton.cdiv(K, bs.k))](
+    table = row_blocks(rows, bs.rows, w)
+    wrap_triton(_forward_kernel)[(table.shape[0], triton.cdiv(K, bs.k))](
         h3, head, w, g, table, w_new, delta, _step_size(lr, w), BR=bs.rows, BK=bs.k, **_constants(K, H, w.dtype))
 
 
@@ -185,17 +186,21 @@ def launch_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch.Tenso
     bs = blocks or default_blocks(g.device)
     K, H = g.shape[1], h3.shape[1]
     consts = _constants(K, H, g.dtype)
-    table = row_blocks(rows, bs.rows, g.device)
-    _backward_rows_kernel[(table.shape[0],)](
+    table = row_blocks(rows, bs.rows, g)
+    wrap_triton(_backward_rows_kernel)[(table.shape[0],)](
         h3, head, g, table, g if dw_new is None else dw_new.contiguous(),
         g if ddelta is None else ddelta.contiguous(), dpre, dh3, row_sums, _step_size(lr, g),
         HAS_DW=dw_new is not None, HAS_DDELTA=ddelta is not None, BR=bs.rows, BK=bs.k, **consts)
-    _backward_weights_kernel[(head.shape[0], triton.cdiv(K, bs.k))](
-        h3, dpre, row_sums, row_offsets(rows, g.device), dhead, BR=bs.rows, BK=bs.k, **consts)
+    wrap_triton(_backward_weights_kernel)[(head.shape[0], triton.cdiv(K, bs.k))](
+        h3, dpre, row_sums, row_offsets(rows, g), dhead, BR=bs.rows, BK=bs.k, **consts)
 
 
 # ------------------------------------------------------------------------------------- torch.library
-@torch.library.custom_op("fastl2r_triton::gated_update", mutates_args=())
+def _gated_update_fake(h3, head, w, g, rows, lr):
+    return w.new_empty(w.shape), w.new_empty(w.shape)
+
+
+@define_op("fastl2r_triton::gated_update", _gated_update_fake)
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor, rows: list[int],
                  lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w_new, δ)`` as the reference's ``gated_update``."""
@@ -204,16 +209,16 @@ def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch
     return w_new, delta
 
 
-@gated_update.register_fake
-def _(h3, head, w, g, rows, lr):
-    return w.new_empty(w.shape), w.new_empty(w.shape)
+def _gated_update_backward_fake(dw_new, ddelta, h3, head, g, rows, lr):
+    return h3.new_empty(h3.shape), head.new_empty(head.shape)
 
 
-@torch.library.custom_op("fastl2r_triton::gated_update_backward", mutates_args=())
+@define_op("fastl2r_triton::gated_update_backward", _gated_update_backward_fake)
 def gated_update_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch.Tensor], h3: torch.Tensor,
                           head: torch.Tensor, g: torch.Tensor, rows: list[int], lr: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh3, dhead)`` from the gradients of ``gated_update``'s ``(w_new, δ)``."""
+    """``(dh3, dhead)`` from the gradients of ``gated_update``'s ``(w_new, δ)``; None where that output is
+    unused (δ, by most losses), which the kernels read as zero."""
     dh3, dhead = new_output(h3.shape, h3), new_output(head.shape, head)
     scratch = compute_dtype(g.dtype)
     launch_backward(dw_new, ddelta, h3, head, g, rows, lr, dh3, dhead, new_output(g.shape, g, scratch),
@@ -221,14 +226,10 @@ def gated_update_backward(dw_new: Optional[torch.Tensor], ddelta: Optional[torch
     return dh3, dhead
 
 
-@gated_update_backward.register_fake
-def _(dw_new, ddelta, h3, head, g, rows, lr):
-    return h3.new_empty(h3.shape), head.new_empty(head.shape)
-
-
 def _setup_context(ctx, inputs, output):
     h3, head, w, g, rows, lr = inputs
     ctx.rows, ctx.lr = rows, lr
+    ctx.set_materialize_grads(False)  # an unused output's cotangent stays None
     ctx.save_for_backward(h3, head, g)
 
 

@@ -17,7 +17,7 @@ Forward, two launches per group whatever the number of tensors and slots in it:
    (features, ReLU(h) of the cell below, the cell's own h) is consumed ``BK`` columns at
    a time, read from memory: the block's new h, just written by the program's own
    threads, is read back (after a barrier; from L1/L2) rather than kept whole in
-   registers, so no ``[H, H]`` weight tile is ever live (``compile_check``: no spills).
+   registers, so no ``[H, H]`` weight tile is ever live (``tools/compile_check.py``: no spills).
 
 Backward, two launches.  The forward saves the four gate activations of every cell
 (``gates [3, R, 4H]``, 12·H floats per row) instead of recomputing them: recomputing
@@ -48,11 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastl2r.ops.layout import NUM_CELLS, GroupDims, unpack_lstm
-from fastl2r.ops.reference import RMS_EPS, slot_count
+from fastl2r.ops.layout import NUM_CELLS, RMS_EPS, GroupDims, slot_count
 
-from . import (TL_DTYPES, block_segment, cached_table, compute_dtype, new_output, next_pow2, row_block, row_blocks,
-               row_offsets, sigmoid, tanh, view_offsets)
+from . import (TL_DTYPES, block_segment, cached_table, compute_dtype, define_op, new_output, next_pow2, row_block,
+               row_blocks, row_offsets, sigmoid, tanh, wrap_triton)
 
 REDUCE_BLOCK = 1024  # elements per step of the prologue's sums of squares
 
@@ -61,7 +60,7 @@ REDUCE_BLOCK = 1024  # elements per step of the prologue's sums of squares
 class Blocks:
     """Block sizes; any choice computes the same function (every edge is masked).
 
-    The GPU's are chosen by register use on sm_90 (``python -m fastl2r.kernels.compile_check``):
+    The GPU's are chosen by register use on sm_90 (``python tools/compile_check.py``):
     with ``k = 16`` no kernel spills for any resnet32_gn group (``k = 32`` spills up to 1.6 KB
     per thread where K < 32 or H = 32), at 4 warps.
     """
@@ -78,6 +77,7 @@ INTERPRETER_BLOCKS = Blocks(rows=64, k=128, gates=256, columns=128)
 
 
 def default_blocks(device: torch.device) -> Blocks:
+    """The block sizes for tensors on ``device``: the interpreter's on a CPU, the GPU's elsewhere."""
     return INTERPRETER_BLOCKS if device.type == "cpu" else GPU_BLOCKS
 
 # Kinds of column tile of the weight-gradient kernel: what X is.
@@ -85,6 +85,13 @@ FEATURES, STATE, RELU_OUTPUT, ONES = (tl.constexpr(kind) for kind in range(4))
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot_tile(a, tile, mask, acc):
+    """``acc + a · W`` in ``a``'s dtype, IEEE (no TF32), for the weight tile W at ``tile`` (zero outside
+    ``mask``; no ``acc``: zero): every product of a gate's weights in these kernels."""
+    return tl.dot(a, tl.load(tile, mask=mask, other=0.0).to(a.dtype), acc, input_precision="ieee", out_dtype=a.dtype)
+
+
 @triton.jit
 def _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, source, source_stride, scale, weights, weight_stride,
                        gate_stride, n_in, rows, row_mask, units, unit_mask, RELU: tl.constexpr, BK: tl.constexpr):
@@ -102,14 +109,10 @@ def _accumulate_inputs(acc_i, acc_f, acc_g, acc_o, source, source_stride, scale,
             x = tl.maximum(x, 0.0)
         tile = weights + units[None, :] * weight_stride + cols[:, None]
         mask = col_mask[:, None] & unit_mask[None, :]
-        acc_i = tl.dot(x, tl.load(tile, mask=mask, other=0.0).to(x.dtype), acc_i, input_precision="ieee",
-                       out_dtype=x.dtype)
-        acc_f = tl.dot(x, tl.load(tile + gate_stride, mask=mask, other=0.0).to(x.dtype), acc_f,
-                       input_precision="ieee", out_dtype=x.dtype)
-        acc_g = tl.dot(x, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(x.dtype), acc_g,
-                       input_precision="ieee", out_dtype=x.dtype)
-        acc_o = tl.dot(x, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(x.dtype), acc_o,
-                       input_precision="ieee", out_dtype=x.dtype)
+        acc_i = _dot_tile(x, tile, mask, acc_i)
+        acc_f = _dot_tile(x, tile + gate_stride, mask, acc_f)
+        acc_g = _dot_tile(x, tile + 2 * gate_stride, mask, acc_g)
+        acc_o = _dot_tile(x, tile + 3 * gate_stride, mask, acc_o)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -265,14 +268,10 @@ def _store_input_grad(d_i, d_f, d_g, d_o, weights, weight_stride, gate_stride, n
         col_mask = cols < n_in
         tile = weights + units[:, None] * weight_stride + cols[None, :]
         mask = unit_mask[:, None] & col_mask[None, :]
-        acc = tl.dot(d_i, tl.load(tile, mask=mask, other=0.0).to(d_i.dtype), input_precision="ieee",
-                     out_dtype=d_i.dtype)
-        acc = tl.dot(d_f, tl.load(tile + gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
-                     input_precision="ieee", out_dtype=d_i.dtype)
-        acc = tl.dot(d_g, tl.load(tile + 2 * gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
-                     input_precision="ieee", out_dtype=d_i.dtype)
-        acc = tl.dot(d_o, tl.load(tile + 3 * gate_stride, mask=mask, other=0.0).to(d_i.dtype), acc,
-                     input_precision="ieee", out_dtype=d_i.dtype)
+        acc = _dot_tile(d_i, tile, mask, None)
+        acc = _dot_tile(d_f, tile + gate_stride, mask, acc)
+        acc = _dot_tile(d_g, tile + 2 * gate_stride, mask, acc)
+        acc = _dot_tile(d_o, tile + 3 * gate_stride, mask, acc)
         offsets = rows[:, None] * out_stride + cols[None, :]
         out_mask = row_mask[:, None] & col_mask[None, :]
         if RELU:
@@ -430,23 +429,18 @@ def _backward_weights_kernel(dgates, w, g, a_row, a_shared, h, h_out, scales, of
 
 
 # -------------------------------------------------------------------------------------------- launchers
-def _cell_offsets(dims: GroupDims) -> list[list[int]]:
-    """Per cell, the offsets of (w_ih, w_hh, b) in a row of the group's lstm matrix."""
-    return [view_offsets(cell) for cell in unpack_lstm(torch.empty(1, dims.lstm_size, device="meta"), dims)]
-
-
-def _weight_tiles(dims: GroupDims, columns: int, device: torch.device) -> torch.Tensor:
+def _weight_tiles(dims: GroupDims, columns: int, like: torch.Tensor) -> torch.Tensor:
     """``int32 [n, 5]``: (kind, cell, first column, columns, offset) of every column tile of the
     lstm gradient: each parameter matrix of the layout, cut into tiles of ``columns``."""
     def build():
         tiles = []
-        for cell, (ih, hh, b) in enumerate(_cell_offsets(dims)):
+        for cell, (ih, hh, b) in enumerate(dims.lstm_offsets()):
             n_in, kind_in = (dims.D, FEATURES) if cell == 0 else (dims.H, RELU_OUTPUT)
             tiles += [[kind_in.value, cell, c0, n_in, ih] for c0 in range(0, n_in, columns)]
             tiles += [[STATE.value, cell, c0, dims.H, hh] for c0 in range(0, dims.H, columns)]
             tiles.append([ONES.value, cell, 0, 1, b])
         return tiles
-    return cached_table("meta_lstm_weight_tiles", (dims, columns), build, device)
+    return cached_table("meta_lstm_weight_tiles", (dims, columns), build, like)
 
 
 def scale_count(dims: GroupDims) -> int:
@@ -455,7 +449,7 @@ def scale_count(dims: GroupDims) -> int:
 
 
 def _constants(dims: GroupDims, dtype: torch.dtype) -> dict:
-    (ih1, hh1, _), (ih2, hh2, b2), (ih3, hh3, b3) = _cell_offsets(dims)
+    (ih1, hh1, _), (ih2, hh2, b2), (ih3, hh3, b3) = dims.lstm_offsets()
     assert ih1 == 0, "the kernels read W_ih1 at the start of a tensor's lstm row"
     return dict(K=dims.K, H=dims.H, HP=next_pow2(dims.H, 16), D=dims.D, P=dims.lstm_size,
                 NS=scale_count(dims), HH1=hh1, IH2=ih2, HH2=hh2, IH3=ih3, HH3=hh3,
@@ -480,15 +474,15 @@ def launch_forward(w, g, a_row, a_shared, lstm, rows: Sequence[int], h, c,
     bs = blocks or default_blocks(w.device)
     consts = _constants(dims, w.dtype)
     R, slots = w.shape[0], slot_count(rows, w.shape[0])
-    table = row_blocks(rows, bs.rows, w.device, slots)
-    _prologue_kernel[(len(rows) * slots,)](
-        w, g, _present(a_row, scales), _present(a_shared, scales), lstm, row_offsets(rows, w.device, slots), scales,
+    table = row_blocks(rows, bs.rows, w, slots)
+    wrap_triton(_prologue_kernel)[(len(rows) * slots,)](
+        w, g, _present(a_row, scales), _present(a_shared, scales), lstm, row_offsets(rows, w, slots), scales,
         bias1, slots, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H, D=dims.D, P=dims.lstm_size, NS=consts["NS"],
-        B1=_cell_offsets(dims)[0][2], EPS=RMS_EPS, AR_P=next_pow2(dims.Ar), DS_P=next_pow2(dims.Ds),
+        B1=dims.lstm_offsets()[0][2], EPS=RMS_EPS, AR_P=next_pow2(dims.Ar), DS_P=next_pow2(dims.Ds),
         ACC=consts["ACC"], BLOCK=REDUCE_BLOCK, BR=bs.rows, GATE_BLOCK=bs.gates)
-    _forward_kernel[(table.shape[0],)](
+    wrap_triton(_forward_kernel)[(table.shape[0],)](
         w, g, _present(a_row, scales), lstm, bias1, scales, table, h, c, h_out, c_out, gates, R, AR=dims.Ar,
-        B2=_cell_offsets(dims)[1][2], B3=_cell_offsets(dims)[2][2], BR=bs.rows, BK=bs.k, **consts)
+        B2=dims.lstm_offsets()[1][2], B3=dims.lstm_offsets()[2][2], BR=bs.rows, BK=bs.k, **consts)
 
 
 def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tensor], w, g, a_row, a_shared,
@@ -502,20 +496,27 @@ def launch_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tenso
     bs = blocks or default_blocks(w.device)
     consts = _constants(dims, w.dtype)
     G, R, slots = lstm.shape[0], w.shape[0], slot_count(rows, w.shape[0])
-    table = row_blocks(rows, bs.rows, w.device, slots)
-    _backward_rows_kernel[(table.shape[0],)](
+    table = row_blocks(rows, bs.rows, w, slots)
+    wrap_triton(_backward_rows_kernel)[(table.shape[0],)](
         h if dh_out is None else dh_out.contiguous(), c if dc_out is None else dc_out.contiguous(),
         lstm, scales, table, c, h_out, gates, dgates, dh, dc, dw, R,
         HAS_DH=dh_out is not None, HAS_DC=dc_out is not None, BR=bs.rows, BK=bs.k, **consts)
-    tiles = _weight_tiles(dims, bs.columns, w.device)
-    _backward_weights_kernel[(G, triton.cdiv(4 * dims.H, bs.gates), tiles.shape[0])](
+    tiles = _weight_tiles(dims, bs.columns, w)
+    wrap_triton(_backward_weights_kernel)[(G, triton.cdiv(4 * dims.H, bs.gates), tiles.shape[0])](
         dgates, w, g, _present(a_row, scales), _present(a_shared, scales), h, h_out, scales,
-        row_offsets(rows, w.device, slots), tiles, dlstm, R, slots, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H,
+        row_offsets(rows, w, slots), tiles, dlstm, R, slots, K=dims.K, AR=dims.Ar, DS=dims.Ds, H=dims.H,
         D=dims.D, P=dims.lstm_size, NS=consts["NS"], ACC=consts["ACC"], BG=bs.gates, BC=bs.columns, BR=bs.rows)
 
 
 # ------------------------------------------------------------------------------------- torch.library
-@torch.library.custom_op("fastl2r_triton::meta_lstm", mutates_args=())
+def _meta_lstm_fake(w, g, a_row, a_shared, lstm, rows, h, c):
+    dims = GroupDims.of(w, a_row, a_shared, h)
+    R, acc = w.shape[0], compute_dtype(w.dtype)
+    return (h.new_empty(h.shape), c.new_empty(c.shape), w.new_empty(NUM_CELLS, R, 4 * dims.H, dtype=acc),
+            w.new_empty(a_shared.shape[0], scale_count(dims), dtype=acc))
+
+
+@define_op("fastl2r_triton::meta_lstm", _meta_lstm_fake)
 def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, lstm: torch.Tensor,
               rows: list[int], h: torch.Tensor, c: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -531,21 +532,18 @@ def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: t
     return h_out, c_out, gates, scales
 
 
-@meta_lstm.register_fake
-def _(w, g, a_row, a_shared, lstm, rows, h, c):
-    dims = GroupDims.of(w, a_row, a_shared, h)
-    R, acc = w.shape[0], compute_dtype(w.dtype)
-    return (h.new_empty(h.shape), c.new_empty(c.shape), w.new_empty(NUM_CELLS, R, 4 * dims.H, dtype=acc),
-            w.new_empty(a_shared.shape[0], scale_count(dims), dtype=acc))
+def _meta_lstm_backward_fake(dh_out, dc_out, w, g, a_row, a_shared, lstm, rows, h, c, h_out, gates, scales):
+    return w.new_empty(w.shape), lstm.new_empty(lstm.shape), h.new_empty(h.shape), c.new_empty(c.shape)
 
 
-@torch.library.custom_op("fastl2r_triton::meta_lstm_backward", mutates_args=())
+@define_op("fastl2r_triton::meta_lstm_backward", _meta_lstm_backward_fake)
 def meta_lstm_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Tensor], w: torch.Tensor,
                        g: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, lstm: torch.Tensor,
                        rows: list[int], h: torch.Tensor, c: torch.Tensor, h_out: torch.Tensor,
                        gates: torch.Tensor, scales: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dw, dlstm, dh, dc)`` from the gradients of ``meta_lstm``'s ``(h_new, c_new)``."""
+    """``(dw, dlstm, dh, dc)`` from the gradients of ``meta_lstm``'s ``(h_new, c_new)``; None where that
+    output is unused (c' at the end of a T-BPTT window), which the kernels read as zero."""
     dw, dlstm, dh, dc = new_output(w.shape, w), new_output(lstm.shape, lstm), new_output(h.shape, h), new_output(
         c.shape, c)
     launch_backward(dh_out, dc_out, w, g, a_row, a_shared, lstm, rows, h, c, h_out, gates, scales,
@@ -553,26 +551,17 @@ def meta_lstm_backward(dh_out: Optional[torch.Tensor], dc_out: Optional[torch.Te
     return dw, dlstm, dh, dc
 
 
-@meta_lstm_backward.register_fake
-def _(dh_out, dc_out, w, g, a_row, a_shared, lstm, rows, h, c, h_out, gates, scales):
-    return w.new_empty(w.shape), lstm.new_empty(lstm.shape), h.new_empty(h.shape), c.new_empty(c.shape)
-
-
 def _setup_context(ctx, inputs, output):
     w, g, a_row, a_shared, lstm, rows, h, c = inputs
     h_out, _, gates, scales = output
     ctx.rows = rows
     ctx.mark_non_differentiable(gates, scales)
-    ctx.set_materialize_grads(False)  # no zeros for the cotangents of gates and scales, never used
+    ctx.set_materialize_grads(False)  # an unused output's cotangent stays None
     ctx.save_for_backward(w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales)
 
 
 def _backward(ctx, dh_out, dc_out, _dgates, _dscales):
     w, g, a_row, a_shared, lstm, h, c, h_out, gates, scales = ctx.saved_tensors
-    # The backward kernels read both: an output the loss does not use (c' at the end of a
-    # T-BPTT window) gets zeros here.
-    dh_out = torch.zeros_like(h_out) if dh_out is None else dh_out
-    dc_out = torch.zeros_like(c) if dc_out is None else dc_out
     dw, dlstm, dh, dc = meta_lstm_backward(dh_out, dc_out, w, g, a_row, a_shared, lstm, ctx.rows, h, c, h_out,
                                            gates, scales)
     return dw, None, None, None, dlstm, None, dh, dc

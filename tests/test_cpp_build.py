@@ -42,7 +42,10 @@ def test_setup_builds_the_cpu_extension_with_a_compiler(monkeypatch, capsys):
     args, err = setup_arguments(monkeypatch, capsys, CXX=compiler, FASTL2R_BUILD_CUDA="0")
     assert [ext.name for ext in args["ext_modules"]] == ["fastl2r._C"]
     sources = args["ext_modules"][0].sources
-    assert "csrc/registration.cpp" in sources and all(not s.endswith(".cu") for s in sources)
+    # One folder per op: its schema and its CPU kernel; the shared pieces in csrc/common/.
+    for op in ("channel_means", "meta_lstm", "gated_update"):
+        assert {f"csrc/{op}/schema.cpp", f"csrc/{op}/cpu.cpp"} <= set(sources), sources
+    assert "csrc/common/module.cpp" in sources and all(not s.endswith(".cu") for s in sources)
     assert "build_ext" in args["cmdclass"] and err == []
 
 
@@ -50,6 +53,9 @@ def test_setup_without_a_compiler_installs_the_package_without_the_extension(mon
     args, err = setup_arguments(monkeypatch, capsys, CXX="/nonexistent/c++")
     assert args["ext_modules"] == [] and args["cmdclass"] == {}
     assert "fastl2r" in args["packages"]
+    # The Triton kernels install as fastl2r.kernels from the top-level kernels/; developer tools do not.
+    assert "fastl2r.kernels" in args["packages"] and args["package_dir"] == {"fastl2r.kernels": "kernels"}
+    assert not any(p.split(".")[0] == "tools" for p in args["packages"])
     assert len(err) == 1
     assert "no C++ compiler (/nonexistent/c++) was found" in err[0]
     assert "reference ops" in err[0] and "pip install --no-build-isolation -e ." in err[0]

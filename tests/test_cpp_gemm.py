@@ -1,4 +1,4 @@
-"""The C++ kernels' GEMM (csrc/cpu/gemm.cpp), built on its own and called through ctypes.
+"""The C++ kernels' GEMM (csrc/common/gemm.cpp), built on its own and called through ctypes.
 
 Against float64 matrix products on odd shapes, every transpose, alpha and beta; and the
 property the ops' thread-count independence rests on: an element of c is the same whether
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = REPO / "csrc" / "cpu"
+SOURCES = REPO / "csrc" / "common"
 F32, F64 = torch.float32, torch.float64
 
 # C entry points over fastl2r::cpu::gemm<T>, one per dtype.

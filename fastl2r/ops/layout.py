@@ -15,14 +15,23 @@ gates in ``torch.nn.LSTMCell`` order (i, f, g, o); ``b`` is the sum of LSTMCell'
 ``bias_ih`` and ``bias_hh``.
 
 ``head [G, P_head]``, each row ``w_out [K, H], b_out [K], s [1]``.
+
+A group's rows: ``rows[t]`` rows per tensor for one episode slot; with S slots, tensor t holds
+S·rows[t] rows, slot by slot (``slot_count``).
+
+This is the one module the Triton kernels (``fastl2r.kernels``) share with the rest of fastl2r,
+so it imports nothing from fastl2r: the layout, and the epsilon of the features' RMS scaling.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 NUM_CELLS = 3
+RMS_EPS = 1e-8  # every feature block is divided by (its RMS + RMS_EPS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class GroupDims:
 
     @property
     def D(self) -> int:
+        """Input columns of cell 1: [w, g, per-row activations, shared activations]."""
         return 2 * self.K + self.Ar + self.Ds
 
     @property
@@ -49,16 +59,34 @@ class GroupDims:
         ins = [self.D] + [self.H] * (NUM_CELLS - 1)
         return [((four_h, d), (four_h, self.H), four_h) for d in ins]
 
+    def lstm_offsets(self) -> list[tuple[int, int, int]]:
+        """Per cell, where its w_ih, w_hh and b start in a row of the ``lstm`` matrix: the offsets the
+        kernels read at, and ``unpack_lstm``'s views."""
+        offsets, start = [], 0
+        for (ih, hh, n_bias) in self.cell_shapes():
+            w_hh = start + ih[0] * ih[1]
+            bias = w_hh + hh[0] * hh[1]
+            offsets.append((start, w_hh, bias))
+            start = bias + n_bias
+        return offsets
+
     @property
     def lstm_size(self) -> int:
+        """Columns of one meta-net's row of the ``lstm`` matrix."""
         return sum(a * b + c * d + n for (a, b), (c, d), n in self.cell_shapes())
+
+    def head_offsets(self) -> tuple[int, int, int]:
+        """Where w_out, b_out and s start in a row of the ``head`` matrix (the kernels' offsets)."""
+        return 0, self.K * self.H, self.K * self.H + self.K
 
     @property
     def head_size(self) -> int:
+        """Columns of one meta-net's row of the ``head`` matrix."""
         return self.K * self.H + self.K + 1
 
     @staticmethod
     def of(w: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, h: torch.Tensor) -> "GroupDims":
+        """The dims of a meta_lstm call, read from its arguments' shapes."""
         return GroupDims(K=w.shape[1], Ar=a_row.shape[1], Ds=a_shared.shape[1], H=h.shape[-1])
 
 
@@ -67,25 +95,22 @@ def unpack_lstm(lstm: torch.Tensor, dims: GroupDims) -> list[tuple[torch.Tensor,
     if lstm.shape[-1] != dims.lstm_size:
         raise ValueError(f"lstm parameters have {lstm.shape[-1]} columns, expected {dims.lstm_size} for {dims}")
     G = lstm.shape[0]
-    cells, start = [], 0
-    for (ih, hh, nb) in dims.cell_shapes():
-        parts = []
-        for shape in (ih, hh, (nb,)):
-            n = 1
-            for s in shape:
-                n *= s
-            parts.append(lstm[:, start:start + n].reshape(G, *shape))
-            start += n
-        cells.append(tuple(parts))
-    return cells
+    return [tuple(lstm[:, start:start + math.prod(shape)].reshape(G, *shape)
+                  for start, shape in zip(offsets, (ih, hh, (n_bias,))))
+            for offsets, (ih, hh, n_bias) in zip(dims.lstm_offsets(), dims.cell_shapes())]
 
 
 def unpack_head(head: torch.Tensor, dims: GroupDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views ``(w_out [G,K,H], b_out [G,K], s [G])`` of a ``[G, P_head]`` tensor."""
     if head.shape[-1] != dims.head_size:
         raise ValueError(f"head parameters have {head.shape[-1]} columns, expected {dims.head_size} for {dims}")
-    G, K, H = head.shape[0], dims.K, dims.H
-    w_out = head[:, : K * H].reshape(G, K, H)
-    b_out = head[:, K * H: K * H + K]
-    scale = head[:, K * H + K]
-    return w_out, b_out, scale
+    w_out, b_out, scale = dims.head_offsets()
+    return head[:, w_out:b_out].reshape(head.shape[0], dims.K, dims.H), head[:, b_out:scale], head[:, scale]
+
+
+def slot_count(rows: Sequence[int], total_rows: int) -> int:
+    """How many episode slots a group of ``total_rows`` rows holds (``rows`` counts one slot's)."""
+    per_slot = sum(rows)
+    if per_slot <= 0 or total_rows % per_slot:
+        raise ValueError(f"rows {list(rows)} (one slot) do not divide the group's {total_rows} rows")
+    return total_rows // per_slot

@@ -10,9 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import GroupDims, unpack_head, unpack_lstm
-
-RMS_EPS = 1e-8
+from .layout import RMS_EPS, GroupDims, slot_count, unpack_head, unpack_lstm
 
 
 def channel_means(activations: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,14 +80,6 @@ def meta_lstm(w: torch.Tensor, g: torch.Tensor, a_row: torch.Tensor, a_shared: t
             h_out.append(torch.stack(hs))
             c_out.append(torch.stack(cs))
     return torch.cat(h_out, dim=1), torch.cat(c_out, dim=1)
-
-
-def slot_count(rows: Sequence[int], total_rows: int) -> int:
-    """How many episode slots a group of ``total_rows`` rows holds (``rows`` counts one slot's)."""
-    per_slot = sum(rows)
-    if per_slot <= 0 or total_rows % per_slot:
-        raise ValueError(f"rows {list(rows)} (one slot) do not divide the group's {total_rows} rows")
-    return total_rows // per_slot
 
 
 def gated_update(h3: torch.Tensor, head: torch.Tensor, w: torch.Tensor, g: torch.Tensor,

@@ -5,12 +5,17 @@
 // shared memory, then tanh, scale, δ⊙g and the update.
 // Backward, three launches: per (row block, columns) dz = ∂L/∂(W_out h3 + b_out) and a
 // partial ∂L/∂s; per row block ∂L/∂h3 = dz W_out; per (tensor, head element) the head's
-// gradients summed over the tensor's rows.
-#include "device_common.cuh"
-#include "launchers.h"
+// gradients summed over the tensor's rows.  An absent cotangent of w_new or δ (null) is read
+// as zero.
+#include "../common/cuda.h"
+#include "../common/cuda_math.cuh"
+#include "kernels.h"
 
 namespace fastl2r::cuda {
 namespace {
+
+// The kernels take the K columns of a row block kThreads at a time.
+int64_t head_column_blocks(const GroupLayout& L) { return (L.K + kThreads - 1) / kThreads; }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(GroupLayout L, RowTable table, const T* h3,
@@ -66,7 +71,8 @@ __global__ void __launch_bounds__(kThreads) grad_z_kernel(GroupLayout L, RowTabl
   if (k < K) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t e = row * K + k;
-      const T dd = grad_delta[e] - lr * g[e] * grad_w_new[e];  // ∂L/∂δ
+      const T dd = (grad_delta != nullptr ? grad_delta[e] : T(0)) -
+                   (grad_w_new != nullptr ? lr * g[e] * grad_w_new[e] : T(0));  // ∂L/∂δ
       const T th = tanh_z[e];
       ds += static_cast<double>(dd * th);
       grad_z[e] = dd * s * (T(1) - th * th);
@@ -128,46 +134,37 @@ __global__ void __launch_bounds__(kThreads) grad_head_kernel(GroupLayout L, RowT
 }  // namespace
 
 template <typename T>
-cudaError_t gated_update_forward(const GroupLayout& L, const RowTable& table, const T* h3, const T* head,
-                                 const T* w, const T* g, T lr, T* w_new, T* delta, T* tanh_z,
-                                 cudaStream_t stream) {
-  const size_t bytes = sizeof(T) * kRowBlock * L.H;
-  if (bytes > 48 * 1024) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(table.num_blocks), static_cast<unsigned>(head_column_blocks(L)));
-  forward_kernel<T><<<grid, kThreads, bytes, stream>>>(L, table, h3, head, w, g, lr, w_new, delta, tanh_z);
-  return cudaGetLastError();
+void run(Context& context, const GatedUpdateForward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const size_t bytes = sizeof(T) * kRowBlock * L.H;  // at most 32 KiB: H <= kMaxHidden (checked by the Device)
+  const dim3 grid(static_cast<unsigned>(context.table.num_blocks), static_cast<unsigned>(head_column_blocks(L)));
+  forward_kernel<T><<<grid, kThreads, bytes, context.stream>>>(L, context.table, args.h3, args.head, args.w, args.g,
+                                                               args.lr, args.w_new, args.delta, args.tanh_z);
+  context.ok(cudaGetLastError());
 }
 
 template <typename T>
-cudaError_t gated_update_backward(const GroupLayout& L, const RowTable& table, int64_t rows, const T* grad_w_new,
-                                  const T* grad_delta, const T* h3, const T* head, const T* g, T lr,
-                                  const T* tanh_z, T* workspace, T* grad_h3, T* grad_head, cudaStream_t stream) {
-  T* grad_z = workspace;
-  T* partials = workspace + rows * L.K;
+void run(Context& context, const GatedUpdateBackward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const RowTable& table = context.table;
   const int64_t columns = head_column_blocks(L);
+  T* grad_z = static_cast<T*>(context.workspace(args.rows * L.K + table.num_blocks * columns));
+  T* partials = grad_z + args.rows * L.K;
   const dim3 rows_grid(static_cast<unsigned>(table.num_blocks), static_cast<unsigned>(columns));
-  grad_z_kernel<T><<<rows_grid, kThreads, 0, stream>>>(L, table, grad_w_new, grad_delta, head, g, lr, tanh_z,
-                                                       grad_z, partials);
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
-  grad_h3_kernel<T><<<static_cast<unsigned>(table.num_blocks), kThreads, 0, stream>>>(L, table, head, grad_z,
-                                                                                      grad_h3);
-  status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+  grad_z_kernel<T><<<rows_grid, kThreads, 0, context.stream>>>(L, table, args.grad_w_new, args.grad_delta, args.head,
+                                                               args.g, args.lr, args.tanh_z, grad_z, partials);
+  if (!context.ok(cudaGetLastError())) return;
+  grad_h3_kernel<T><<<static_cast<unsigned>(table.num_blocks), kThreads, 0, context.stream>>>(L, table, args.head,
+                                                                                              grad_z, args.grad_h3);
+  if (!context.ok(cudaGetLastError())) return;
   const dim3 head_grid(static_cast<unsigned>((L.head_size() + kThreads - 1) / kThreads),
                        static_cast<unsigned>(table.tensors));
-  grad_head_kernel<T><<<head_grid, kThreads, 0, stream>>>(L, table, h3, grad_z, partials, columns, grad_head);
-  return cudaGetLastError();
+  grad_head_kernel<T><<<head_grid, kThreads, 0, context.stream>>>(L, table, args.h3, grad_z, partials, columns,
+                                                                  args.grad_head);
+  context.ok(cudaGetLastError());
 }
 
-#define FASTL2R_INSTANTIATE(T)                                                                                  \
-  template cudaError_t gated_update_forward<T>(const GroupLayout&, const RowTable&, const T*, const T*,        \
-                                               const T*, const T*, T, T*, T*, T*, cudaStream_t);               \
-  template cudaError_t gated_update_backward<T>(const GroupLayout&, const RowTable&, int64_t, const T*,        \
-                                                const T*, const T*, const T*, const T*, T, const T*, T*, T*, \
-                                                T*, cudaStream_t);
-FASTL2R_INSTANTIATE(float)
-FASTL2R_INSTANTIATE(double)
-#undef FASTL2R_INSTANTIATE
+FASTL2R_INSTANTIATE_RUN(GatedUpdateForward)
+FASTL2R_INSTANTIATE_RUN(GatedUpdateBackward)
 
 }  // namespace fastl2r::cuda

@@ -1,7 +1,8 @@
 // The grouped meta-LSTM on the GPU (fastl2r/ops/reference.py::meta_lstm).
 //
-// The rows come in segments, one per (tensor, episode slot) (launchers.h, RowTable): each
-// has its own RMS scales and shared input; its rows use its tensor's meta-net.
+// The rows come in segments, one per (tensor, episode slot) (common/cuda.h, RowTable): each
+// has its own RMS scales and shared input; its rows use its tensor's meta-net.  An absent
+// cotangent of h_new or c_new (null) is read as zero.
 //
 // Forward, two launches:
 //   prepare     one block per segment: the inverse RMS of each feature block, and cell 0's
@@ -17,8 +18,9 @@
 //               then ∂h, ∂c of the incoming state and ∂(ReLU input) or ∂w from them;
 //   weights     per (tensor, cell, gate rows, input columns): the meta-net's weight
 //               gradients summed over the tensor's rows of every slot, segment by segment.
-#include "device_common.cuh"
-#include "launchers.h"
+#include "../common/cuda.h"
+#include "../common/cuda_math.cuh"
+#include "kernels.h"
 
 namespace fastl2r::cuda {
 namespace {
@@ -96,7 +98,7 @@ size_t forward_shared_bytes(const GroupLayout& L) {
   return sizeof(T) * kRowBlock * (kTile + L.H + L.gates());
 }
 
-// JT: gate columns per thread, ceil(4H / kThreads).
+// JT: gate columns per thread, ceil(4H / kThreads): at most 4, as H <= kMaxHidden (checked by the Device).
 template <typename T, int JT>
 __global__ void __launch_bounds__(kThreads) cells_forward_kernel(GroupLayout L, RowTable table, int64_t R,
                                                                  const T* w, const T* g, const T* a_row,
@@ -216,12 +218,12 @@ __global__ void __launch_bounds__(kThreads) cells_backward_kernel(GroupLayout L,
       const int r = e / static_cast<int>(H);
       const int64_t j = e - r * H;
       const int64_t at = cell * R + r0 + r;
-      T dh = grad_h_new[at * H + j];
+      T dh = grad_h_new != nullptr ? grad_h_new[at * H + j] : T(0);
       if (cell + 1 < kNumCells && h_new[at * H + j] > T(0)) dh += dxs[r * H + j];
       const T* gr = gates + at * G4;
       const T i = gr[j], f = gr[H + j], u = gr[2 * H + j], o = gr[3 * H + j];
       const T tc = tanh_(c_new[at * H + j]);
-      const T dc = grad_c_new[at * H + j] + dh * o * (T(1) - tc * tc);
+      const T dc = (grad_c_new != nullptr ? grad_c_new[at * H + j] : T(0)) + dh * o * (T(1) - tc * tc);
       const T di = dc * u * i * (T(1) - i), df = dc * c[at * H + j] * f * (T(1) - f);
       const T du = dc * i * (T(1) - u * u), d_o = dh * tc * o * (T(1) - o);
       T* dg = grad_gates + at * G4;
@@ -322,83 +324,60 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 }
 
 template <typename T, int JT>
-cudaError_t launch_cells_forward(const GroupLayout& L, const RowTable& table, int64_t R, const T* w, const T* g,
-                                 const T* a_row, const T* lstm, const T* h, const T* c, const T* scales,
-                                 const T* bias0, T* h_new, T* c_new, T* gates, cudaStream_t stream) {
-  const size_t bytes = forward_shared_bytes<T>(L);
+cudaError_t launch_cells_forward(const RowTable& table, const MetaLstmForward<T>& a, const T* scales, const T* bias0,
+                                 cudaStream_t stream) {
+  const size_t bytes = forward_shared_bytes<T>(a.layout);
   cudaError_t status = allow_shared(cells_forward_kernel<T, JT>, bytes);
   if (status != cudaSuccess) return status;
   cells_forward_kernel<T, JT><<<static_cast<unsigned>(table.num_blocks), kThreads, bytes, stream>>>(
-      L, table, R, w, g, a_row, lstm, h, c, scales, bias0, h_new, c_new, gates);
+      a.layout, table, a.rows, a.w, a.g, a.a_row, a.lstm, a.h, a.c, scales, bias0, a.h_new, a.c_new, a.gates);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename T>
-cudaError_t meta_lstm_forward(const GroupLayout& L, const RowTable& table, int64_t rows, const T* w, const T* g,
-                              const T* a_row, const T* a_shared, const T* lstm, const T* h, const T* c,
-                              T* workspace, T* h_new, T* c_new, T* gates, cudaStream_t stream) {
-  if (L.H > kMaxHidden) return cudaErrorInvalidValue;
-  T* scales = workspace;
-  T* bias0 = workspace + table.segments() * L.num_scales();
-  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, stream>>>(L, table, w, g, a_row,
-                                                                                     a_shared, lstm, scales, bias0);
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
-  const int64_t per_thread = (L.gates() + kThreads - 1) / kThreads;
-  if (per_thread <= 1) {
-    return launch_cells_forward<T, 1>(L, table, rows, w, g, a_row, lstm, h, c, scales, bias0, h_new, c_new, gates,
-                                      stream);
-  }
-  if (per_thread <= 2) {
-    return launch_cells_forward<T, 2>(L, table, rows, w, g, a_row, lstm, h, c, scales, bias0, h_new, c_new, gates,
-                                      stream);
-  }
-  return launch_cells_forward<T, 4>(L, table, rows, w, g, a_row, lstm, h, c, scales, bias0, h_new, c_new, gates,
-                                    stream);
+void run(Context& context, const MetaLstmForward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const RowTable& table = context.table;
+  T* scales = static_cast<T*>(context.workspace(table.segments() * (L.num_scales() + L.gates())));
+  T* bias0 = scales + table.segments() * L.num_scales();
+  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, context.stream>>>(
+      L, table, args.w, args.g, args.a_row, args.a_shared, args.lstm, scales, bias0);
+  if (!context.ok(cudaGetLastError())) return;
+  const int64_t per_thread = (L.gates() + kThreads - 1) / kThreads;  // gate columns per thread
+  const auto launch = per_thread <= 1   ? launch_cells_forward<T, 1>
+                      : per_thread <= 2 ? launch_cells_forward<T, 2>
+                                        : launch_cells_forward<T, 4>;
+  context.ok(launch(table, args, scales, bias0, context.stream));
 }
 
 template <typename T>
-cudaError_t meta_lstm_backward(const GroupLayout& L, const RowTable& table, int64_t rows, const T* grad_h_new,
-                               const T* grad_c_new, const T* w, const T* g, const T* a_row, const T* a_shared,
-                               const T* lstm, const T* h, const T* c, const T* h_new, const T* c_new,
-                               const T* gates, T* workspace, T* grad_w, T* grad_lstm, T* grad_h, T* grad_c,
-                               cudaStream_t stream) {
-  if (L.H > kMaxHidden) return cudaErrorInvalidValue;
-  T* scales = workspace;
-  T* grad_gates = workspace + table.segments() * L.num_scales();
-  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, stream>>>(
-      L, table, w, g, a_row, a_shared, lstm, scales, static_cast<T*>(nullptr));
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+void run(Context& context, const MetaLstmBackward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const RowTable& table = context.table;
+  T* scales = static_cast<T*>(context.workspace(table.segments() * L.num_scales() + kNumCells * args.rows * L.gates()));
+  T* grad_gates = scales + table.segments() * L.num_scales();
+  prepare_kernel<T><<<static_cast<unsigned>(table.segments()), kThreads, 0, context.stream>>>(
+      L, table, args.w, args.g, args.a_row, args.a_shared, args.lstm, scales, static_cast<T*>(nullptr));
+  if (!context.ok(cudaGetLastError())) return;
   const size_t bytes = backward_shared_bytes<T>(L);
-  status = allow_shared(cells_backward_kernel<T>, bytes);
-  if (status != cudaSuccess) return status;
-  cells_backward_kernel<T><<<static_cast<unsigned>(table.num_blocks), kThreads, bytes, stream>>>(
-      L, table, rows, grad_h_new, grad_c_new, lstm, c, h_new, c_new, gates, scales, grad_gates, grad_w, grad_h,
-      grad_c);
-  status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+  if (!context.ok(allow_shared(cells_backward_kernel<T>, bytes))) return;
+  cells_backward_kernel<T><<<static_cast<unsigned>(table.num_blocks), kThreads, bytes, context.stream>>>(
+      L, table, args.rows, args.grad_h_new, args.grad_c_new, args.lstm, args.c, args.h_new, args.c_new, args.gates,
+      scales, grad_gates, args.grad_w, args.grad_h, args.grad_c);
+  if (!context.ok(cudaGetLastError())) return;
   const int64_t widest = L.D() + L.H + 1;  // cell 0's columns; cells 1 and 2 have 2H + 1
   const dim3 grid(static_cast<unsigned>((widest + kThreads - 1) / kThreads),
                   static_cast<unsigned>((L.gates() + kGateRows - 1) / kGateRows),
                   static_cast<unsigned>(table.tensors * kNumCells));
-  weight_grad_kernel<T><<<grid, kThreads, 0, stream>>>(L, table, rows, w, g, a_row, a_shared, h, h_new, scales,
-                                                       grad_gates, grad_lstm);
-  return cudaGetLastError();
+  weight_grad_kernel<T><<<grid, kThreads, 0, context.stream>>>(L, table, args.rows, args.w, args.g, args.a_row,
+                                                               args.a_shared, args.h, args.h_new, scales, grad_gates,
+                                                               args.grad_lstm);
+  context.ok(cudaGetLastError());
 }
 
-#define FASTL2R_INSTANTIATE(T)                                                                                  \
-  template cudaError_t meta_lstm_forward<T>(const GroupLayout&, const RowTable&, int64_t, const T*, const T*, \
-                                            const T*, const T*, const T*, const T*, const T*, T*, T*, T*, T*,  \
-                                            cudaStream_t);                                                     \
-  template cudaError_t meta_lstm_backward<T>(const GroupLayout&, const RowTable&, int64_t, const T*, const T*, \
-                                             const T*, const T*, const T*, const T*, const T*, const T*,       \
-                                             const T*, const T*, const T*, const T*, T*, T*, T*, T*, T*,       \
-                                             cudaStream_t);
-FASTL2R_INSTANTIATE(float)
-FASTL2R_INSTANTIATE(double)
-#undef FASTL2R_INSTANTIATE
+FASTL2R_INSTANTIATE_RUN(MetaLstmForward)
+FASTL2R_INSTANTIATE_RUN(MetaLstmBackward)
 
 }  // namespace fastl2r::cuda

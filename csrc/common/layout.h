@@ -1,6 +1,6 @@
 // The memory layout of a group of meta-nets' parameters (fastl2r/ops/layout.py
-// documents it; this is its C++ form for the kernels).  Plain C++ with no torch,
-// so that the CUDA launchers compile with nvcc alone.
+// documents it; this is its C++ form for the kernels) and the RMS epsilon.  Plain C++
+// with no torch, so that the CUDA kernels compile with nvcc alone.
 //
 // lstm row (one meta-net): per cell k = 0, 1, 2:
 //   w_ih [4H, in_k], w_hh [4H, H], b [4H];  in_0 = D = 2K + Ar + Ds, in_1 = in_2 = H.

@@ -1,6 +1,7 @@
 """Compile every Triton kernel of fastl2r for a CUDA GPU, without one, and report its resources.
 
-``python -m fastl2r.kernels.compile_check [--arch 90] [--dtypes float32,float64] [--groups 1,4]
+A developer tool of the source tree (not installed with the package):
+``python tools/compile_check.py [--arch 90] [--dtypes float32,float64] [--groups 1,4]
 [--json]`` (with ``TRITON_INTERPRET`` unset) runs the Triton ops, forward and backward, on the
 meta-net groups of ``resnet32_gn`` (and the channel means) with CPU tensors and every kernel
 launch *captured* instead of run, then
@@ -27,9 +28,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastl2r.kernels import INTERPRETED, channel_means, gated_update, meta_lstm
+from fastl2r.meta import MetaLearner
+from fastl2r.models import resnet32_gn
 from fastl2r.ops.layout import NUM_CELLS
-
-from . import INTERPRETED, channel_means, gated_update, meta_lstm
 
 _MODULES = (channel_means, gated_update, meta_lstm)
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -45,12 +47,15 @@ class Launch:
     constants: tuple[tuple[str, object], ...]
 
     def describe(self) -> str:
+        """The constants that tell one launch of a kernel from another, for the report."""
         keep = ("K", "H", "D", "ACC", "DTYPE", "BR", "BK", "BG", "BC", "HAS_DH", "HAS_DC", "HAS_DW", "HAS_DDELTA")
         return ", ".join(f"{k}={v}" for k, v in self.constants if k in keep)
 
 
 @dataclass
 class Resources:
+    """What one compiled launch costs a GPU: ptxas's registers and spills, Triton's shared memory."""
+
     kernel: str
     launch: str
     registers: int
@@ -96,9 +101,6 @@ def capture_launches(dtypes: Sequence[torch.dtype] = (torch.float32,), groups: S
     """Every distinct kernel launch of the Triton ops, forward and backward, at the GPU block
     sizes, for the channel means and for each meta-net group of resnet32_gn (``groups``: their
     indices, default all) in each dtype: ``{Launch: kernel}``."""
-    from fastl2r.meta import MetaLearner
-    from fastl2r.models import resnet32_gn
-
     if INTERPRETED:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     launches: dict = {}
@@ -143,6 +145,7 @@ def _ptxas(arch: int) -> str:
 
 
 def compile_launch(launch: Launch, kernel, arch: int) -> Resources:
+    """``launch`` compiled for sm_``arch`` as its launcher would compile it on a GPU, and what it costs."""
     signature = dict(launch.signature)
     constants = dict(launch.constants)
     signature.update({name: "constexpr" for name in constants})
@@ -165,6 +168,7 @@ def compile_launch(launch: Launch, kernel, arch: int) -> Resources:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Compile every launch and print the table (or JSON) of their resources."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,float64")

@@ -1,5 +1,6 @@
-// What the CPU kernels share: task-parallel loops on ATen's OpenMP threads, the GEMM
-// (gemm.h) and vectorised activations on raw row-major blocks, row blocks of a group.
+// What the CPU kernels share: how an op reaches them (Context, Device), task-parallel loops
+// on ATen's OpenMP threads, the GEMM (gemm.h) and vectorised activations on raw row-major
+// blocks, row blocks of a group.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,12 +14,34 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
-#include "../op_common.h"
+#include "checks.h"
 #include "gemm.h"
 
 namespace fastl2r::cpu {
+
+// What an op's CPU kernels get beside their raw arguments: the group's row segments (none for
+// the channel means).
+struct Context {
+  Segments segments;
+};
+
+// Runs an op's CPU kernels for its device-agnostic side (csrc/<op>/op.h): the op's
+// `cpu::run(const Context&, const Args&)` (common/entry_points.h), found by argument-dependent
+// lookup on Context.
+struct Device {
+  explicit Device(const at::Tensor&) {}
+  Device(const at::Tensor&, const GroupLayout&, Segments segments) : context{std::move(segments)} {}
+
+  template <typename Args>
+  void launch(const Args& args) const {
+    run(context, args);
+  }
+
+  Context context;
+};
 
 // Runs task(i) for every i in [0, n) on ATen's intra-op threads (OpenMP), handing
 // tasks out one at a time so that unequal tasks still balance.  Every task writes

@@ -1,7 +1,7 @@
 // The grouped meta-LSTM on the CPU (fastl2r/ops/reference.py::meta_lstm): the three
 // stacked cells for every row of a group, forward and backward.
 //
-// The rows come in segments, one per (tensor, episode slot) (op_common.h): each segment has
+// The rows come in segments, one per (tensor, episode slot) (common/checks.h): each segment has
 // its own RMS scales and shared input; a segment's rows use its tensor's meta-net.
 //
 // Forward: one task per block of rows of one segment runs all three cells (bias and GEMMs
@@ -11,10 +11,10 @@
 // Backward: the same row blocks run the cells top-down (fused gate derivatives, then
 // the GEMMs for the state and input gradients); then one task per (tensor, cell part)
 // forms that meta-net's weight gradients from the saved gate gradients of all its slots.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#include "cpu_common.h"
+// An absent cotangent of h_new or c_new (null) is read as zero.
+#include "../common/cpu.h"
+#include "kernels.h"
+#include "op.h"
 
 namespace fastl2r::cpu {
 namespace {
@@ -88,7 +88,7 @@ void cell_forward(int64_t rows, int64_t H, const T* c_prev, T* gates, T* tanh_c,
 }
 
 // Gate gradients of one cell from the gradients reaching its outputs: grad_h (+ the
-// gradient of ReLU(h_new) from the cell above, if any) and grad_c.
+// gradient of ReLU(h_new) from the cell above, if any) and grad_c, each zero where null.
 // `tanh_c` is scratch [rows, H].
 template <typename T>
 void cell_backward(int64_t rows, int64_t H, const T* grad_h, const T* grad_c, const T* grad_relu,
@@ -101,11 +101,11 @@ void cell_backward(int64_t rows, int64_t H, const T* grad_h, const T* grad_c, co
     T* dg = grad_gates + r * 4 * H;
     for (int64_t j = 0; j < H; ++j) {
       const int64_t e = r * H + j;
-      T dh = grad_h[e];
+      T dh = grad_h != nullptr ? grad_h[e] : T(0);
       if (grad_relu != nullptr && h_new[e] > T(0)) dh += grad_relu[e];
       const T i = gr[j], f = gr[H + j], u = gr[2 * H + j], o = gr[3 * H + j];
       const T tc = tanh_c[e];
-      const T dc = grad_c[e] + dh * o * (T(1) - tc * tc);
+      const T dc = (grad_c != nullptr ? grad_c[e] : T(0)) + dh * o * (T(1) - tc * tc);
       dg[j] = dc * u * i * (T(1) - i);
       dg[H + j] = dc * c_prev[e] * f * (T(1) - f);
       dg[2 * H + j] = dc * i * (T(1) - u * u);
@@ -124,10 +124,16 @@ void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
   }
 }
 
+}  // namespace
+
 template <typename T>
-void forward(const GroupLayout& L, const Segments& segs, const T* w, const T* g, const T* a_row, const T* a_shared,
-             const T* lstm, const T* h, const T* c, T* h_new, T* c_new, T* gates) {
-  const int64_t R = segs.starts.back();
+void run(const Context& context, const MetaLstmForward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const Segments& segs = context.segments;
+  const T *w = args.w, *g = args.g, *a_row = args.a_row, *a_shared = args.a_shared, *lstm = args.lstm, *h = args.h,
+          *c = args.c;
+  T *h_new = args.h_new, *c_new = args.c_new, *gates = args.gates;
+  const int64_t R = args.rows;
   const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
                 NS = L.num_scales();
   std::vector<T> scales(segs.count() * NS), bias0(segs.count() * G4);
@@ -175,10 +181,14 @@ void forward(const GroupLayout& L, const Segments& segs, const T* w, const T* g,
 }
 
 template <typename T>
-void backward(const GroupLayout& L, const Segments& segs, const T* grad_h, const T* grad_c, const T* w, const T* g,
-              const T* a_row, const T* a_shared, const T* lstm, const T* h, const T* c, const T* h_new,
-              const T* c_new, const T* gates, T* grad_w, T* grad_lstm, T* grad_h_in, T* grad_c_in) {
-  const int64_t G = segs.tensors(), R = segs.starts.back();
+void run(const Context& context, const MetaLstmBackward<T>& args) {
+  const GroupLayout& L = args.layout;
+  const Segments& segs = context.segments;
+  const T *grad_h = args.grad_h_new, *grad_c = args.grad_c_new;
+  const T *w = args.w, *g = args.g, *a_row = args.a_row, *a_shared = args.a_shared, *lstm = args.lstm, *h = args.h,
+          *c = args.c, *h_new = args.h_new, *c_new = args.c_new, *gates = args.gates;
+  T *grad_w = args.grad_w, *grad_lstm = args.grad_lstm, *grad_h_in = args.grad_h, *grad_c_in = args.grad_c;
+  const int64_t G = segs.tensors(), R = args.rows;
   const int64_t H = L.H, G4 = L.gates(), K = L.K, D = L.D(), Dr = L.Dr(), P = L.lstm_size(),
                 NS = L.num_scales();
   const std::vector<T> scales = all_inverse_rms(L, segs, w, g, a_row, a_shared);
@@ -194,7 +204,8 @@ void backward(const GroupLayout& L, const Segments& segs, const T* grad_h, const
     auto tanh_c = scratch<T>(rows * H);
     for (int cell = kNumCells - 1; cell >= 0; --cell) {
       const int64_t at = cell * R + blk.begin;
-      cell_backward(rows, H, grad_h + at * H, grad_c + at * H, cell + 1 < kNumCells ? grad_relu.get() : nullptr,
+      cell_backward(rows, H, grad_h != nullptr ? grad_h + at * H : nullptr,
+                    grad_c != nullptr ? grad_c + at * H : nullptr, cell + 1 < kNumCells ? grad_relu.get() : nullptr,
                     h_new + at * H, c_new + at * H, c + at * H, gates + at * G4, tanh_c.get(), dgates + at * G4,
                     grad_c_in + at * H);
       gemm<T>(false, false, rows, H, G4, 1, dgates + at * G4, G4, net + L.w_hh(cell), H, 0, grad_h_in + at * H, H);
@@ -271,58 +282,6 @@ void backward(const GroupLayout& L, const Segments& segs, const T* grad_h, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_lstm_cpu(const at::Tensor& w, const at::Tensor& g,
-                                                             const at::Tensor& a_row, const at::Tensor& a_shared,
-                                                             const at::Tensor& lstm, at::IntArrayRef rows,
-                                                             const at::Tensor& h, const at::Tensor& c) {
-  const MetaLstmGroup group = check_meta_lstm(w, g, a_row, a_shared, lstm, rows, h, c);
-  const GroupLayout& L = group.layout;
-  const at::Tensor wc = w.contiguous(), gc = g.contiguous(), ac = a_row.contiguous(), sc = a_shared.contiguous(),
-                   lc = lstm.contiguous(), hc = h.contiguous(), cc = c.contiguous();
-  at::Tensor h_new = new_buffer(h.sizes(), h.options());
-  at::Tensor c_new = new_buffer(h.sizes(), h.options());
-  at::Tensor gates = new_buffer({kNumCells, w.size(0), L.gates()}, h.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm", [&] {
-    forward<scalar_t>(L, group.segments, wc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
-                      sc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
-                      cc.data_ptr<scalar_t>(), h_new.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(),
-                      gates.data_ptr<scalar_t>());
-  });
-  return {h_new, c_new, gates};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_backward_cpu(
-    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& w, const at::Tensor& g,
-    const at::Tensor& a_row, const at::Tensor& a_shared, const at::Tensor& lstm, at::IntArrayRef rows,
-    const at::Tensor& h, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& c_new,
-    const at::Tensor& gates) {
-  const MetaLstmGroup group =
-      check_meta_lstm_backward(grad_h, grad_c, w, g, a_row, a_shared, lstm, rows, h, c, h_new, c_new, gates);
-  const GroupLayout& L = group.layout;
-  const at::Tensor dh = grad_h.contiguous(), dc = grad_c.contiguous(), wc = w.contiguous(), gc = g.contiguous(),
-                   ac = a_row.contiguous(), sc = a_shared.contiguous(), lc = lstm.contiguous(),
-                   hc = h.contiguous(), cc = c.contiguous(), hn = h_new.contiguous(), cn = c_new.contiguous(),
-                   gt = gates.contiguous();
-  at::Tensor grad_w = new_buffer(w.sizes(), w.options());
-  at::Tensor grad_lstm = new_buffer(lstm.sizes(), lstm.options());
-  at::Tensor grad_h_in = new_buffer(h.sizes(), h.options());
-  at::Tensor grad_c_in = new_buffer(h.sizes(), h.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastl2r.meta_lstm_backward", [&] {
-    backward<scalar_t>(L, group.segments, dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-                       gc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
-                       lc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(),
-                       hn.data_ptr<scalar_t>(), cn.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(),
-                       grad_w.data_ptr<scalar_t>(), grad_lstm.data_ptr<scalar_t>(), grad_h_in.data_ptr<scalar_t>(),
-                       grad_c_in.data_ptr<scalar_t>());
-  });
-  return {grad_w, grad_lstm, grad_h_in, grad_c_in};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastl2r, CPU, m) {
-  m.impl("meta_lstm", &meta_lstm_cpu);
-  m.impl("meta_lstm_backward", &meta_lstm_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(fastl2r, CPU, m) { register_meta_lstm<Device>(m); }
 
 }  // namespace fastl2r::cpu

@@ -2,8 +2,9 @@
 // (fastl2r/ops/reference.py::channel_means).  One block per channel of each unique
 // source tensor; the block sums its N × inner values and writes the mean to every
 // place of the output where that tensor was listed.
-#include "device_common.cuh"
-#include "launchers.h"
+#include "../common/cuda.h"
+#include "../common/cuda_math.cuh"
+#include "kernels.h"
 
 namespace fastl2r::cuda {
 namespace {
@@ -51,14 +52,25 @@ __global__ void __launch_bounds__(kThreads) channel_means_kernel(const int64_t* 
 
 }  // namespace
 
+// The kernel's table: per source its (data pointer, batch, channels, inner size, first channel
+// among all sources' channels); then the sources' starts into the place list; then that list.
 template <typename T>
-cudaError_t channel_means(const int64_t* table, int64_t sources, int64_t channels, T* out, cudaStream_t stream) {
-  if (channels == 0) return cudaSuccess;
-  channel_means_kernel<T><<<static_cast<unsigned>(channels), kThreads, 0, stream>>>(table, sources, out);
-  return cudaGetLastError();
+void run(Context& context, const ChannelMeans<T>& args) {
+  std::vector<int64_t> table;
+  int64_t channels = 0;
+  for (const auto& src : args.sources) {
+    table.insert(table.end(), {reinterpret_cast<int64_t>(src.data), src.batch, src.channels, src.inner, channels});
+    channels += src.channels;
+  }
+  table.insert(table.end(), args.place_starts.begin(), args.place_starts.end());
+  table.insert(table.end(), args.places.begin(), args.places.end());
+  if (channels == 0) return;
+  const int64_t* device_table = context.upload(table);
+  channel_means_kernel<T><<<static_cast<unsigned>(channels), kThreads, 0, context.stream>>>(
+      device_table, static_cast<int64_t>(args.sources.size()), args.out);
+  context.ok(cudaGetLastError());
 }
 
-template cudaError_t channel_means<float>(const int64_t*, int64_t, int64_t, float*, cudaStream_t);
-template cudaError_t channel_means<double>(const int64_t*, int64_t, int64_t, double*, cudaStream_t);
+FASTL2R_INSTANTIATE_RUN(ChannelMeans)
 
 }  // namespace fastl2r::cuda

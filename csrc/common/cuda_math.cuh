@@ -4,7 +4,7 @@
 
 #include <cuda_runtime.h>
 
-#include "launchers.h"
+#include "cuda.h"
 
 namespace fastl2r::cuda {
 
