@@ -9,7 +9,7 @@ import torch
 
 from fastl2r import ops
 from fastl2r.models import resnet32_gn
-from fastl2r.models.taps import tapped_layers
+from fastl2r.meta.metalearner import tapped_layers
 
 from .harness import measure, forced, require, variant_params
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastl2r.meta import MetaLearner
 from fastl2r.models import resnet14_gn, resnet32_gn
 from fastl2r.ops import GroupDims, unpack_head
-from fastl2r.ops.registry import BACKENDS
+from fastl2r.ops import BACKENDS
 
 LR = 0.1
 F32, F64 = torch.float32, torch.float64

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from fastl2r.data.sampler import SamplingSet
 from fastl2r.experiments import curriculum_at
 from fastl2r.meta import MetaLearner
-from fastl2r.models import ActivationTaps, is_head
+from fastl2r.meta.metalearner import ActivationTaps, is_head
 
 
 class FunctionalStudent:

@@ -75,8 +75,6 @@ def test_torch_compile_fullgraph_metalearner_step_triton(device, network):
     computes what eager mode does, forward and backward.  On a GPU the ops are triton_ops, so
     Inductor compiles their kernels into the graph; in the interpreter they are opaque custom ops."""
     require("triton", device)
-    from fastl2r.ops import registry
-
     torch.manual_seed(0)
     model = tiny_network() if network == "tiny" else resnet32_gn(3, [5])
     meta = MetaLearner(model).double().to(device)
@@ -88,7 +86,7 @@ def test_torch_compile_fullgraph_metalearner_step_triton(device, network):
     state = meta.initial_state(device, F64)
     step = lambda *args: metalearner_step_loss(meta, *args)  # noqa: E731
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    registry._cache.clear()
+    ops._cache.clear()
     results = []
     for fn in (compiled, step):
         leaves = [w.clone().requires_grad_() for w in weights]
@@ -228,11 +226,9 @@ def test_tbptt_window_of_metalearner_steps(backend, device, network):
 
 # ----- dispatch -----
 def test_cuda_tensors_get_triton_by_default(monkeypatch):
-    from fastl2r.ops import registry
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("FASTL2R_BACKEND", raising=False)
-    assert registry.backend_name("cuda") == "triton"
+    assert ops.backend_name("cuda") == "triton"
 
 
 def test_fastl2r_backend_forces_a_backend(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 from fastl2r import ops
 from fastl2r.ops import reference
-from fastl2r.ops.registry import BACKENDS
+from fastl2r.ops import BACKENDS
 from ops_testing import (BACKEND_DEVICES, DTYPES, F32, F64, TOLERANCE, assert_matches, assert_same_bits,
                          at_each_thread_count, count_triton_launches, launch_count, poisoned_outputs,  # noqa: F401
                          require)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fastl2r.meta.trainer import MetaTrainer
-from fastl2r.ops.registry import BACKENDS
+from fastl2r.ops import BACKENDS
 from fastl2r.workspace import Workspace
 from fastl2r.train import main
 

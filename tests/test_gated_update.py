@@ -13,7 +13,7 @@ import torch
 
 from fastl2r import ops
 from fastl2r.ops import GroupDims
-from fastl2r.ops.registry import BACKENDS
+from fastl2r.ops import BACKENDS
 from ops_testing import (BACKEND_DEVICES, BLOCK_SIZE_GROUPS, DTYPES, F64, LR, RESNET32_GROUPS, SLOT_GROUPS,
                          TOLERANCE, TRITON_DEVICES, BackwardArguments, assert_matches, assert_same_bits,
                          at_each_thread_count, count_triton_launches, gradients_of, make_group, op_cases,

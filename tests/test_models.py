@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from torch.func import functional_call
 
-from fastl2r.models import (ActivationTaps, ResNetGN, activation_means, record_activations, resnet14_gn, resnet32_gn,
-                            runs_slots, tapped_layers)
+from fastl2r.meta.metalearner import ActivationTaps, activation_means, record_activations, tapped_layers
+from fastl2r.models import ResNetGN, resnet14_gn, resnet32_gn, runs_slots
 
 
 def hand_count(n: int, in_channels: int, classes: int) -> int:

@@ -30,8 +30,7 @@ import torch.nn as nn
 
 from .. import _io
 from ..errors import UserError
-from ..models.taps import ActivationTaps, is_head
-from .metalearner import MetaLearner, MetaState, architecture_name
+from .metalearner import ActivationTaps, MetaLearner, MetaState, architecture_name, is_head
 
 METALEARNER_FORMAT = 1
 

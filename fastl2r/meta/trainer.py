@@ -25,10 +25,10 @@ from ..data.sampler import SamplingSet, SlotSampler
 from ..distributed import SINGLE, Ranks
 from ..errors import UserError
 from ..experiments import curriculum_at
-from ..models import runs_slots, tapped_layers
+from ..models import runs_slots
 from ..profiling import nvtx_range
 from ..workspace import Workspace
-from .metalearner import MetaLearner, MetaState
+from .metalearner import MetaLearner, MetaState, tapped_layers
 from .optimizer import save_metalearner
 from .unroll import END_REASONS, RUNNING, SlotState, Unroll
 

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..data.sampler import Batch, SamplingSet, SlotSampler
-from ..models.taps import TappedLayer, activation_means, record_activations
 from ..profiling import nvtx_range
-from .metalearner import MetaLearner, MetaState, Theta
+from .metalearner import MetaLearner, MetaState, TappedLayer, Theta, activation_means, record_activations
 
 RUNNING, THRESHOLD, HORIZON, NONFINITE = 0, 1, 2, 3
 END_REASONS = {THRESHOLD: "threshold", HORIZON: "horizon", NONFINITE: "nonfinite"}

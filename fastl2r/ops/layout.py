@@ -24,7 +24,6 @@ so it imports nothing from fastl2r: the layout, and the epsilon of the features'
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -61,7 +60,7 @@ class GroupDims:
 
     def lstm_offsets(self) -> list[tuple[int, int, int]]:
         """Per cell, where its w_ih, w_hh and b start in a row of the ``lstm`` matrix: the offsets the
-        kernels read at, and ``unpack_lstm``'s views."""
+        kernels read at, and ``reference.unpack_lstm``'s views."""
         offsets, start = [], 0
         for (ih, hh, n_bias) in self.cell_shapes():
             w_hh = start + ih[0] * ih[1]
@@ -88,24 +87,6 @@ class GroupDims:
     def of(w: torch.Tensor, a_row: torch.Tensor, a_shared: torch.Tensor, h: torch.Tensor) -> "GroupDims":
         """The dims of a meta_lstm call, read from its arguments' shapes."""
         return GroupDims(K=w.shape[1], Ar=a_row.shape[1], Ds=a_shared.shape[1], H=h.shape[-1])
-
-
-def unpack_lstm(lstm: torch.Tensor, dims: GroupDims) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Views ``(w_ih [G,4H,in], w_hh [G,4H,H], b [G,4H])`` per cell of a ``[G, P_lstm]`` tensor."""
-    if lstm.shape[-1] != dims.lstm_size:
-        raise ValueError(f"lstm parameters have {lstm.shape[-1]} columns, expected {dims.lstm_size} for {dims}")
-    G = lstm.shape[0]
-    return [tuple(lstm[:, start:start + math.prod(shape)].reshape(G, *shape)
-                  for start, shape in zip(offsets, (ih, hh, (n_bias,))))
-            for offsets, (ih, hh, n_bias) in zip(dims.lstm_offsets(), dims.cell_shapes())]
-
-
-def unpack_head(head: torch.Tensor, dims: GroupDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views ``(w_out [G,K,H], b_out [G,K], s [G])`` of a ``[G, P_head]`` tensor."""
-    if head.shape[-1] != dims.head_size:
-        raise ValueError(f"head parameters have {head.shape[-1]} columns, expected {dims.head_size} for {dims}")
-    w_out, b_out, scale = dims.head_offsets()
-    return head[:, w_out:b_out].reshape(head.shape[0], dims.K, dims.H), head[:, b_out:scale], head[:, scale]
 
 
 def slot_count(rows: Sequence[int], total_rows: int) -> int:

@@ -5,12 +5,31 @@ written the naive way a user would: one meta-net (one tensor) at a time.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .layout import RMS_EPS, GroupDims, slot_count, unpack_head, unpack_lstm
+from .layout import RMS_EPS, GroupDims, slot_count
+
+
+def unpack_lstm(lstm: torch.Tensor, dims: GroupDims) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Views ``(w_ih [G,4H,in], w_hh [G,4H,H], b [G,4H])`` per cell of a ``[G, P_lstm]`` tensor."""
+    if lstm.shape[-1] != dims.lstm_size:
+        raise ValueError(f"lstm parameters have {lstm.shape[-1]} columns, expected {dims.lstm_size} for {dims}")
+    G = lstm.shape[0]
+    return [tuple(lstm[:, start:start + math.prod(shape)].reshape(G, *shape)
+                  for start, shape in zip(offsets, (ih, hh, (n_bias,))))
+            for offsets, (ih, hh, n_bias) in zip(dims.lstm_offsets(), dims.cell_shapes())]
+
+
+def unpack_head(head: torch.Tensor, dims: GroupDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``(w_out [G,K,H], b_out [G,K], s [G])`` of a ``[G, P_head]`` tensor."""
+    if head.shape[-1] != dims.head_size:
+        raise ValueError(f"head parameters have {head.shape[-1]} columns, expected {dims.head_size} for {dims}")
+    w_out, b_out, scale = dims.head_offsets()
+    return head[:, w_out:b_out].reshape(head.shape[0], dims.K, dims.H), head[:, b_out:scale], head[:, scale]
 
 
 def channel_means(activations: Sequence[torch.Tensor]) -> torch.Tensor:
