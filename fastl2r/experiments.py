@@ -206,6 +206,7 @@ def method_options(p: dict) -> dict:
         "ours": {"metalearner": ""},
         "sgd": {"lr": 0.1},
         "sgd_x0.1": {"lr": 0.01},
+        "sgd_mean_delta": {"lr": 0.1, "metalearner": ""},
         "teacher": {"lr": 0.1},
         "lwf": {"lr": 0.1, "alpha": 1.0, "temperature": 2.0},
         "ewc": {"lr": 0.1, "lambda": 1.0, "fisher_samples": p["fisher_samples"]},

@@ -25,6 +25,7 @@ METHODS: dict[str, str | type] = {
     "ours": "fastl2r.meta.ours:Ours",
     "sgd": "fastl2r.baselines.sgd:SGD",
     "sgd_x0.1": "fastl2r.baselines.sgd:SGDx01",
+    "sgd_mean_delta": "fastl2r.baselines.scaled_sgd:ScaledSGD",
     "teacher": "fastl2r.baselines.teacher:Teacher",
     "lwf": "fastl2r.baselines.lwf:LwF",
     "ewc": "fastl2r.baselines.ewc:EWC",

@@ -14,6 +14,7 @@ from fastl2r.baselines.lwf import LwFLearner, distillation
 from fastl2r.baselines.maml import adapted_head, query_loss
 from fastl2r.baselines.rep import Rep, representation_tasks
 from fastl2r.data import Batch
+from fastl2r.errors import UserError
 from fastl2r.experiments import build_config
 from fastl2r.metatest import run_tasks
 from fastl2r.models import resnet8_gn
@@ -349,3 +350,28 @@ def test_every_method_option_can_be_overridden_by_its_dotted_name():
         "sgd_x0.1.lr=0.02", "methods.hat.s_max=400", "maml.meta_iterations=7", "rep.epochs=1"])
     assert config["methods"]["sgd_x0.1"]["lr"] == 0.02 and config["methods"]["hat"]["s_max"] == 400.0
     assert config["methods"]["maml"]["meta_iterations"] == 7 and config["methods"]["rep"]["epochs"] == 1.0
+
+
+@pytest.mark.parametrize("delta", [0.25, -0.5])
+def test_sgd_mean_delta_takes_the_learned_rules_mean_multiplier(tmp_path, delta):
+    """A rule whose δ is constant (zero output weights, s = δ / tanh(b)) has that mean δ, so the
+    control's learning rate is SGD's times it — measured on a meta-training task."""
+    from fastl2r.meta import MetaLearner, save_metalearner
+    from fastl2r.methods import method_class
+    from fastl2r.ops import unpack_head
+
+    ws = fmnist_experiment("exp2", tmp_path, "metatest.steps_per_task=3")
+    meta = MetaLearner(ws.new_model())
+    with torch.no_grad():
+        for group, head in zip(meta.groups, meta.head):
+            w_out, b_out, scale = unpack_head(head, group.dims)
+            w_out.zero_()
+            scale.copy_(delta / torch.tanh(b_out[:, 0]))
+    path = save_metalearner(meta, tmp_path / "rule.pt")
+    method = method_class("sgd_mean_delta")(ws, {"lr": 0.1, "metalearner": str(path)})
+    method.prepare()
+    assert method.info()["mean_delta"] == pytest.approx(delta, rel=1e-6)
+    assert method.lr == pytest.approx(0.1 * delta, rel=1e-6)
+    missing = method_class("sgd_mean_delta")(ws, {"lr": 0.1, "metalearner": ""})
+    with pytest.raises(UserError, match="needs a trained meta-learner"):
+        missing.prepare()
