@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from .. import _io
+from ..errors import UserError, first_line
 from ..models.taps import ActivationTaps
 from .metalearner import MetaLearner, MetaState
 
@@ -71,22 +72,32 @@ class LearnedOptimizer:
 
 
 def save_metalearner(meta: MetaLearner, path: str | Path, **extra) -> None:
-    from .. import _io
-
     _io.torch_save({"meta": meta.state_dict(), **extra}, path)
 
 
 def load_metalearner(path: str | Path, model: nn.Module, device: Optional[torch.device | str] = None,
-                     lr: float = 0.1) -> MetaLearner:
-    """A ``MetaLearner`` for models shaped like ``model``, with the weights saved at ``path``."""
+                     lr: float = 0.1, arch: Optional[str] = None) -> MetaLearner:
+    """A ``MetaLearner`` for models shaped like ``model`` (whose architecture is named ``arch``, if
+    given), with the weights saved at ``path``.  A file that cannot be read, holds something else,
+    was trained for another network or holds non-finite weights is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no meta-learner at {path}: pass the metalearner.pt of a finished meta-training run")
+    saved = _io.torch_load(path, "the meta-learner", "pass the metalearner.pt of a finished meta-training run")
+    state = saved.get("meta", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a meta-learner (it holds a {type(saved).__name__} of other things); "
+                        "pass the metalearner.pt of a finished meta-training run")
+    trained_for = saved.get("arch") if isinstance(saved.get("arch"), str) else "another network"
+    if arch is not None and trained_for != arch:
+        raise UserError(f"the meta-learner {path} was trained for {trained_for}, but this run's network is {arch}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"the meta-learner {path} has non-finite weights (a diverged meta-training?); it cannot be used")
+    meta = MetaLearner(model, lr=lr)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        meta = MetaLearner(model, lr=lr)
-        meta.load_state_dict(saved["meta"] if "meta" in saved else saved)
-    except (RuntimeError, KeyError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"cannot load the meta-learner {path}: {str(exc).splitlines()[0]} "
-                        "(was it trained for another architecture or input size?)") from None
+        meta.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"the meta-learner {path} does not fit this run's {arch or 'network'} "
+                        f"({first_line(exc)}): it was trained for {trained_for} with other input channels "
+                        "or another layout") from None
     return meta.to(device) if device is not None else meta
