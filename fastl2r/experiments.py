@@ -160,6 +160,18 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
     _check_choice("preset", preset, PRESETS)
     if experiment not in TASKS[suite]:
         raise UserError(f"the {suite} suite has no {experiment}; it has {', '.join(sorted(TASKS[suite]))}")
+    config = default_config(experiment, suite, preset)
+    config["seed"] = seed
+    if runs is not None:
+        config["runs"] = runs
+    for item in overrides:
+        apply_override(config, item)
+    validate(config)
+    return config
+
+
+def default_config(experiment: str, suite: str, preset: str) -> dict:
+    """The configuration of Table 1 for valid names, before options and overrides."""
     p = PRESET_VALUES[preset]
     tasks = copy.deepcopy(TASKS[suite][experiment])
     curriculum = copy.deepcopy(CURRICULA[experiment])
@@ -168,9 +180,9 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
     paper_episodes = curriculum.pop("episodes")
     episodes = max(SMOKE_EPISODES, round(paper_episodes * p["episode_scale"]))
     every = max(1, round(300 * episodes / paper_episodes))  # the paper's 300, scaled with the episodes
-    config = {
-        "experiment": experiment, "suite": suite, "preset": preset, "seed": seed,
-        "runs": p["runs"] if runs is None else runs,
+    return {
+        "experiment": experiment, "suite": suite, "preset": preset, "seed": 0,
+        "runs": p["runs"],
         "arch": tasks.pop("arch"),
         "tasks": tasks,
         "pretrain": {"epochs": p["pretrain_epochs"], "lr": p["pretrain_lr"], "momentum": 0.9,
@@ -182,13 +194,10 @@ def build_config(experiment: str, suite: str = "paper", preset: str = "paper", *
         "metatrain": {"episodes": episodes, "curriculum_every": every, **curriculum,
                       "episode_steps": p["episode_steps_cap"] or steps, "meta_lr": 1e-3, "lr": 0.1,
                       "batch_size": p["batch_size"], "checkpoints": p["checkpoints"] if pool else 1,
-                      "save_every": 50, "checkpoint_minutes": 5.0, "parallel_episodes": 0, "objective": "huber"},
+                      "save_every": 50, "checkpoint_minutes": 5.0, "max_nonfinite_fraction": 0.1,
+                      "parallel_episodes": 0, "objective": "huber"},
         "methods": method_options(p),
     }
-    for item in overrides:
-        apply_override(config, item)
-    validate(config)
-    return config
 
 
 def method_options(p: dict) -> dict:
@@ -218,19 +227,34 @@ def method_options(p: dict) -> dict:
     return {**built_in, **copy.deepcopy(METHOD_OPTIONS)}
 
 
-def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
+def _check_choice(what: str, value: Any, choices: Iterable[str]) -> None:
     if value not in choices:
         raise UserError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def leaf_keys(config: dict, prefix: str = "") -> list[str]:
-    keys = []
+def leaves(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of ``config`` by its dotted key (a method's name kept whole: ``methods.sgd_x0.1.lr``)."""
+    out = {}
     for k, v in config.items():
-        if isinstance(v, dict):
-            keys += leaf_keys(v, f"{prefix}{k}.")
-        else:
-            keys.append(prefix + k)
-    return keys
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+# Keys that change how a run is kept (checkpoint frequency) or when it gives up, never what it
+# computes: a resumed run may change them.
+BOOKKEEPING_KEYS = ("metatrain.save_every", "metatrain.checkpoint_minutes", "metatrain.max_nonfinite_fraction")
+
+
+def computation_changes(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two configurations, bookkeeping keys aside, as
+    ``key (old → new)``."""
+    a, b = leaves(old), leaves(new)
+    return [f"{k} ({json.dumps(a.get(k))} → {json.dumps(b.get(k))})" for k in sorted(set(a) | set(b))
+            if k not in BOOKKEEPING_KEYS and a.get(k) != b.get(k)]
+
+
+# Chosen by the command line's positional argument, --suite and --preset, and the results' labels.
+NAMES = {"experiment": "the positional argument", "suite": "--suite", "preset": "--preset"}
 
 
 def _key_parts(config: dict, key: str) -> list[str]:
@@ -243,37 +267,123 @@ def _key_parts(config: dict, key: str) -> list[str]:
     return key.split(".")
 
 
+def _compatible(expected: Any, value: Any) -> bool:
+    """Whether ``value`` may stand where ``expected`` does: the same JSON type (an integer for a float)."""
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return type(expected) is type(value)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    return type(value) is type(expected)
+
+
 def apply_override(config: dict, item: str) -> None:
     """Apply ``key.path=value`` (a method's options may omit ``methods.``); the value is parsed as
     JSON (else kept as a string) and must have the type of the value it replaces."""
     if "=" not in item:
         raise UserError(f"--set expects KEY=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
-    parts = _key_parts(config, key.strip())
+    key = key.strip()
+    if key in NAMES:
+        raise UserError(f"--set {key}: not a setting; the {key} is chosen by {NAMES[key]}")
+    parts = _key_parts(config, key)
     node = config
     for part in parts[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             break
     if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
-        raise UserError(f"--set: unknown key {key!r}; valid keys: {', '.join(leaf_keys(config))}")
+        raise UserError(f"--set: unknown key {key!r}; valid keys: {', '.join(leaves(config))}")
     old = node[parts[-1]]
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    if isinstance(old, bool) != isinstance(value, bool) or (
-            isinstance(old, (int, float)) and not isinstance(value, (int, float))) or (
-            isinstance(old, int) and not isinstance(value, int)) or (
-            isinstance(old, (str, list)) and type(value) is not type(old)):
+    if not _compatible(old, value):
         raise UserError(f"--set {key}: expected a value like {json.dumps(old)}, got {raw!r}")
     if isinstance(old, float) and isinstance(value, int):
         value = float(value)
     node[parts[-1]] = value
 
 
-def validate(config: dict) -> None:
-    """Every number that must be positive and finite is; else a UserError naming it."""
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2 ** 32
+
+
+def validate(config: Any) -> None:
+    """A configuration as ``build_config`` makes it or a run folder's ``config.json`` holds it:
+    exactly the keys of its experiment's defaults, of their types; numbers in range and within
+    float32; task lists non-empty; names known.  Else a UserError naming the key."""
+    if not isinstance(config, dict):
+        raise UserError(f"a configuration is a JSON object, not a {type(config).__name__}")
+    for name, choices in (("experiment", EXPERIMENTS), ("suite", TASKS), ("preset", PRESETS)):
+        if name not in config:
+            raise UserError(f"the configuration lacks {name!r}")
+        _check_choice(name, config[name], choices)
+    if config["experiment"] not in TASKS[config["suite"]]:
+        raise UserError(f"the {config['suite']} suite has no {config['experiment']}")
+    _check_schema(config, default_config(config["experiment"], config["suite"], config["preset"]))
+    _check_tasks(config["tasks"])
+    _check_ranges(config)
+
+
+def _check_schema(config: dict, template: dict, prefix: str = "") -> None:
+    for key, expected in template.items():
+        name = prefix + key
+        if key not in config:
+            raise UserError(f"the configuration lacks {name!r}")
+        value = config[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{name} must be a section (a JSON object), got {json.dumps(value)}")
+            if name != "tasks":  # task specs differ in shape: _check_tasks
+                _check_schema(value, expected, name + ".")
+        elif not _compatible(expected, value):
+            raise UserError(f"{name}: expected a value like {json.dumps(expected)}, got {json.dumps(value)}")
+    unknown = [k for k in config if k not in template]
+    if unknown:
+        raise UserError(f"unknown key {prefix + unknown[0]!r} in the configuration")
+
+
+def _check_tasks(tasks: dict) -> None:
+    unknown = set(tasks) - {"source", "meta_train", "meta_test"}
+    if unknown or not {"source", "meta_train", "meta_test"} <= set(tasks):
+        raise UserError("tasks must hold exactly source, meta_train and meta_test")
+    _check_task("tasks.source", tasks["source"], fixed=True)
+    for kind in ("meta_train", "meta_test"):
+        specs = tasks[kind]
+        if not specs:
+            raise UserError(f"tasks.{kind} is empty: it needs at least one new task")
+        drawn = []
+        for i, spec in enumerate(specs):
+            _check_task(f"tasks.{kind}[{i}]", spec)
+            if "pool" in spec:  # classes drawn earlier in an episode are not drawn again
+                free = len(spec["pool"]) - sum(ways for pool, ways in drawn if pool & set(spec["pool"]))
+                if free < spec["ways"]:
+                    raise UserError(f"tasks.{kind}[{i}] draws {spec['ways']} classes from a pool that the tasks "
+                                    f"before it may leave with {free}")
+                drawn.append((set(spec["pool"]), spec["ways"]))
+
+
+def _check_task(name: str, spec: Any, fixed: bool = False) -> None:
+    from .data import DATASET_NAMES, TRAIN_PARTS
+
+    keys = {"dataset", "train_part"} | (
+        {"classes"} if fixed or not isinstance(spec, dict) or "classes" in spec else {"pool", "ways"})
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise UserError(f"{name} must be a task with the keys {', '.join(sorted(keys))}, got {json.dumps(spec)}")
+    _check_choice(f"{name}.dataset", spec["dataset"], DATASET_NAMES)
+    _check_choice(f"{name}.train_part", spec["train_part"], TRAIN_PARTS)
+    key = "classes" if "classes" in spec else "pool"
+    classes = spec[key]
+    if not isinstance(classes, list) or not classes or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes) or len(set(classes)) < len(classes):
+        raise UserError(f"{name}.{key} must be a non-empty list of distinct class indices, got {json.dumps(classes)}")
+    ways = spec.get("ways", 1)
+    if isinstance(ways, bool) or not isinstance(ways, int) or not 1 <= ways <= len(classes):
+        raise UserError(f"{name}.ways must be an integer from 1 to {len(classes)} (the pool's size), got {ways!r}")
+
+
+def _check_ranges(config: dict) -> None:
     positive = ["runs", "pretrain.batch_size", "pretrain.lr", "metatest.steps_per_task", "metatest.batch_size",
                 "metatest.eval_every", "readout.steps", "readout.lr", "metatrain.episodes",
                 "metatrain.curriculum_every", "metatrain.episode_steps", "metatrain.meta_lr", "metatrain.lr",
@@ -284,6 +394,7 @@ def validate(config: dict) -> None:
                 "methods.maml.batch_size", "methods.rep.epochs"]
     non_negative = ["seed", "metatrain.parallel_episodes", "metatest.checkpoint", "pretrain.epochs", "pretrain.momentum", "pretrain.weight_decay",
                     "pretrain.warmup_fraction", "readout.max_train", "readout.max_test",
+                    "metatrain.max_nonfinite_fraction",
                     "methods.lwf.alpha", "methods.ewc.lambda", "methods.hat.c"]
     for key in positive + non_negative:
         value = get(config, key)
@@ -291,6 +402,22 @@ def validate(config: dict) -> None:
                 value <= 0 if key in positive else value < 0):
             bound = "positive" if key in positive else "non-negative"
             raise UserError(f"{key} must be a {bound} finite number, got {value!r}")
+    if config["seed"] >= SEED_LIMIT:
+        raise UserError(f"seed must be below 2**32, got {config['seed']}")
+    if config["metatrain"]["max_nonfinite_fraction"] > 1:
+        raise UserError("metatrain.max_nonfinite_fraction is a fraction of episodes, at most 1, "
+                        f"got {config['metatrain']['max_nonfinite_fraction']}")
+    _check_curriculum(config["metatrain"])
+    for name, method in config["methods"].items():
+        for k, v in method.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise UserError(f"methods.{name}.{k} must be finite, got {v!r}")
+            if k.endswith("lr") and isinstance(v, (int, float)) and v <= 0:  # every learning rate
+                raise UserError(f"methods.{name}.{k} must be a positive finite number, got {v!r}")
+    for key, value in leaves(config).items():
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, (int, float)) and abs(number) > FLOAT32_MAX:
+                raise UserError(f"{key}={number:g} overflows float32 (whose largest value is {FLOAT32_MAX:.4g})")
     from .models import check_arch
 
     check_arch(config["arch"])
@@ -299,12 +426,19 @@ def validate(config: dict) -> None:
     if config["metatrain"]["objective"] not in OBJECTIVES:
         raise UserError(f"unknown metatrain.objective {config['metatrain']['objective']!r}; choose one of: "
                         f"{', '.join(OBJECTIVES)}")
-    for name, method in config["methods"].items():
-        for k, v in method.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
-                raise UserError(f"methods.{name}.{k} must be finite, got {v!r}")
-            if k.endswith("lr") and isinstance(v, (int, float)) and v <= 0:  # every learning rate
-                raise UserError(f"methods.{name}.{k} must be a positive finite number, got {v!r}")
+
+
+def _check_curriculum(mt: dict) -> None:
+    """``threshold`` and ``tbptt`` are ``[start, step, cap]``, non-negative, the cap at least the start;
+    T-BPTT lengths are integers from 1."""
+    for key, kind, least in (("threshold", (int, float), 0), ("tbptt", int, 1)):
+        value = mt[key]
+        if not (len(value) == 3 and all(isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+                                        for v in value)
+                and value[0] >= least and value[1] >= 0 and value[2] >= value[0]):
+            what = "integers" if kind is int else "numbers"
+            raise UserError(f"metatrain.{key} must be [start, step, cap]: {what} with {least} <= start <= cap "
+                            f"and step >= 0, got {json.dumps(value)}")
 
 
 def get(config: dict, key: str) -> Any:

@@ -18,10 +18,14 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .data import Task, TaskSampler
+from .errors import UserError
+from .experiments import computation_changes
 from .methods import Method, method_class
 from .progress import OverallProgress
 from .readout import ReadoutSet
 from .workspace import Workspace
+
+PROGRESS = "metatest_progress.pt"
 
 
 @dataclass
@@ -112,7 +116,9 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
 
 def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
     """Meta-test ``methods`` over every run; returns the ``results.json`` content.  One overall
-    progress line follows it (closed, with the bars under it, however it ends)."""
+    progress line follows it (closed, with the bars under it, however it ends).  With a run folder,
+    each finished (method, run) is kept in ``metatest_progress.pt`` at once, and an interrupted
+    meta-test continues from there."""
     m = ws.config["metatest"]
     overall = OverallProgress(methods, ws.config["runs"], m["steps_per_task"] * len(ws.config["tasks"]["meta_test"]),
                               enabled=ws.progress)
@@ -127,21 +133,50 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
     for method in instances:
         overall.preparing(method.name)
         method.prepare()
-    curves = {name: [] for name in methods}
-    task_names = []
+    progress = load_progress(ws)
+    for method in instances:
+        if method.name in progress["methods"]:
+            method.load_state_dict(progress["methods"][method.name])
     for run in range(ws.config["runs"]):
-        tasks = run_tasks(ws, run)
-        task_names.append([t.name for t in tasks])
+        tasks = None
         for method in instances:
+            done = progress["curves"].setdefault(method.name, {})
+            if run in done:
+                continue
+            tasks = tasks or run_tasks(ws, run)
             overall.begin_run(method.name, run)
-            curves[method.name].append(run_method(ws, method, run, tasks, overall))
+            done[run] = run_method(ws, method, run, tasks, overall)
             overall.end_run()
+            progress["task_names"][run] = [t.name for t in tasks]
+            progress["methods"][method.name] = method.state_dict()
+            if ws.out_dir is not None:
+                _io.torch_save(progress, ws.out_dir / PROGRESS)
+    curves = {name: [progress["curves"][name][run] for run in range(ws.config["runs"])] for name in methods}
+    task_names = [progress["task_names"][run] for run in range(ws.config["runs"])]
     results = summarise(ws.config, curves, task_names)
     for method in instances:
         results["methods"][method.name]["info"] = method.info()
         if ws.out_dir is not None:
             method.write_artifacts(ws.out_dir)
     return results
+
+
+def load_progress(ws: Workspace) -> dict:
+    """The finished runs of an interrupted meta-test in ``ws.out_dir`` (none without one):
+    ``curves[method][run]``, ``task_names[run]`` and each method's ``state_dict()``."""
+    path = ws.out_dir / PROGRESS if ws.out_dir is not None else None
+    if path is None or not path.exists():
+        return {"config": ws.config, "curves": {}, "task_names": {}, "methods": {}}
+    fix = "delete it to redo the meta-test"
+    progress = _io.torch_load(path, "the meta-test progress", fix)
+    if not isinstance(progress, dict) or sorted(progress) != ["config", "curves", "methods", "task_names"] or not all(
+            isinstance(v, dict) for v in progress.values()):
+        raise UserError(f"{path} is not a meta-test progress file; {fix}")
+    changes = computation_changes(progress["config"], ws.config)
+    if changes:
+        raise UserError(f"{path} holds the meta-test of another configuration ({', '.join(changes[:3])}); {fix}")
+    progress["config"] = ws.config
+    return progress
 
 
 def summarise(config: dict, curves: dict[str, list[dict]], task_names: list[list[str]]) -> dict:

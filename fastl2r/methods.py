@@ -79,6 +79,14 @@ class Method(abc.ABC):
         """Figures or files of the method's own (e.g. meta-training curves); returns their paths."""
         return []
 
+    def state_dict(self) -> dict:
+        """What the method has gathered from its finished runs beyond their curves (for its
+        artifacts), kept with the meta-test's progress so that a resumed meta-test has it too."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back ``state_dict()`` of an interrupted meta-test, before its remaining runs."""
+
     def initial_model(self, run: int) -> nn.Module:
         """The network a run starts from: by default the pre-trained ``w0``."""
         return self.workspace.pretrained_model()
@@ -101,9 +109,11 @@ def parse_methods(text: Optional[str]) -> list[str]:
     """``a,b,c`` -> validated, de-duplicated names; ``None`` -> every method."""
     if text is None:
         return list(METHODS)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
         raise UserError("--methods is empty; choose from: " + ", ".join(METHODS))
+    if not all(names):
+        raise UserError(f"--methods {text!r} has an empty name; separate the names with single commas")
     for n in names:
         if n not in METHODS:
             raise UserError(f"unknown method {n!r}; choose from: {', '.join(METHODS)}")

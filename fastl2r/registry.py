@@ -103,6 +103,8 @@ def load_plugin(spec: str) -> ModuleType:
         if not path.is_file():
             raise UserError(f"--plugin {spec}: no such file")
         module_name = f"fastl2r_plugin_{path.stem}"
+        if getattr(sys.modules.get(module_name), "__file__", None) == str(path):
+            return sys.modules[module_name]  # loaded already (a resumed run's plugins are recorded)
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # classes defined in it (dataclasses, pickling) look it up here

@@ -7,6 +7,8 @@ exits with status 2; Ctrl-C prints how to resume and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import sys
@@ -17,11 +19,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import __version__, _io
-from .errors import UserError
-from .experiments import EXPERIMENTS, PRESETS, TASKS, build_config, describe_experiment
+from . import __version__, _io, ops, run_folder
+from .data import resolve_data_root
+from .errors import UserError, WriteError
+from .experiments import (EXPERIMENTS, PRESETS, TASKS, apply_override, build_config, computation_changes,
+                          describe_experiment, validate)
+from .meta.metalearner import MetaLearner
+from .meta.optimizer import load_metalearner
+from .meta.trainer import CHECKPOINT, read_checkpoint
 from .methods import METHODS, parse_methods
-from .metatest import run_metatest, save_results
+from .metatest import load_progress, run_metatest, save_results
 from .progress import close_bars
 from .registry import load_plugin
 from .workspace import Workspace
@@ -113,36 +120,113 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return torch.device(name)
 
 
-def prepare_out_dir(out: Optional[str], config: dict) -> Path:
+def new_run(args: argparse.Namespace, plugins: list[str]) -> tuple[dict, dict, Path]:
+    """The configuration, run facts (methods, device, CPU threads, plugins) and folder of a new run."""
+    if args.experiment is None:
+        raise UserError("the following arguments are required: experiment (see --help)")
+    arch = [f"arch={json.dumps(args.arch)}"] if args.arch is not None else []
+    config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
+                          overrides=arch + args.overrides)
+    run = {"methods_run": parse_methods(args.methods), "device": resolve_device(args.device).type,
+           "threads": torch.get_num_threads(), "plugins": plugins}
+    if args.metalearner is not None:
+        if not os.path.isfile(args.metalearner):
+            raise UserError(f"--metalearner {args.metalearner}: no such file (a run's metalearner.pt)")
+        config["methods"]["ours"]["metalearner"] = os.path.abspath(args.metalearner)
+    out = args.out
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = os.path.join("runs", f"{config['experiment']}-{config['suite']}-{config['preset']}-{stamp}")
-    path = Path(out)
+    return config, run, Path(out)
+
+
+# The options (argument dests) a resumed run may repeat but not change.
+RESUME_OPTIONS = ("suite", "preset", "seed", "runs", "methods", "arch", "metalearner", "device", "out")
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict:
+    """The options of ``RESUME_OPTIONS`` that ``argv`` gives, even at their default values
+    (argparse leaves an absent option's value in the namespace it is handed)."""
+    unset = object()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**{dest: unset for dest in RESUME_OPTIONS}))
+    return {dest: getattr(args, dest) for dest in RESUME_OPTIONS if getattr(args, dest) is not unset}
+
+
+def resumed_run(args: argparse.Namespace, given: dict) -> tuple[dict, dict, Path]:
+    """The configuration, run facts and folder of the run being resumed.  Options and ``--set`` may
+    repeat its configuration and change bookkeeping keys; a change to what it computes is refused."""
+    folder = Path(args.resume)
+    config, run = run_folder.read_run(folder)
+    if args.experiment not in (None, config["experiment"]):
+        raise UserError(f"--resume {folder} is a run of {config['experiment']}, not {args.experiment}")
+    requested = copy.deepcopy(config)
+    for dest in ("suite", "preset", "seed", "runs"):
+        requested[dest] = given.get(dest, requested[dest])
+    if "arch" in given:
+        requested["arch"] = given["arch"]
+    if "metalearner" in given:
+        requested["methods"]["ours"]["metalearner"] = os.path.abspath(given["metalearner"])
+    for item in args.overrides:
+        apply_override(requested, item)
+    changes = computation_changes(config, requested)
+    if "methods" in given and parse_methods(given["methods"]) != run["methods_run"]:
+        changes.append(f"--methods ({','.join(run['methods_run'])} → {','.join(parse_methods(given['methods']))})")
+    if "device" in given and resolve_device(given["device"]).type != run["device"]:
+        changes.append(f"--device ({run['device']} → {given['device']})")
+    if "out" in given and Path(given["out"]).absolute() != folder.absolute():
+        changes.append(f"--out ({folder} → {given['out']})")
+    if changes:
+        raise UserError(f"--resume {folder} continues that run as it was started; these options would change it: "
+                        f"{', '.join(changes)} (start a new run for that)")
+    validate(requested)  # bookkeeping keys may have changed
+    return requested, run, folder
+
+
+def check_backend(device: torch.device) -> None:
+    """A forced backend (``$FASTL2R_BACKEND``) must exist and run on ``device``; the automatic
+    choice always finds one."""
+    if ops.requested_backend() is not None:
+        try:
+            ops.backend_name(device.type)
+        except ops.BackendError as exc:
+            raise UserError(str(exc)) from None
+
+
+def check_data_root(root: Optional[str]) -> Path:
+    """The data root, made if needed, writable; leftovers of killed writes in it are removed."""
+    path = resolve_data_root(root)
+    fix = "choose another with --data-root or $FASTL2R_DATA"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the data root {path} is a file, not a folder; {fix}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with _io.atomic_path(path / ".write-test") as tmp:
-            tmp.write_bytes(b"")
-        (path / ".write-test").unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to the output folder {str(path)!r}: {exc.strerror or exc}; "
-                        "choose another with --out") from None
+        _io.check_writable(path)
+    except WriteError as exc:
+        raise UserError(f"the data root {path} is not writable ({exc.reason}); {fix}") from None
+    for folder in (path, path / "checkpoints"):
+        _io.remove_stale_tmp(folder)
     return path
 
 
-def resumed_run(args: argparse.Namespace) -> tuple[dict, list[str]]:
-    """The configuration and methods of the run being resumed (other options must not differ)."""
-    path = Path(args.resume) / "config.json"
-    if not path.is_file():
-        raise UserError(f"--resume {args.resume}: no config.json there; pass the folder of an earlier run")
-    try:
-        saved = json.loads(path.read_text())
-        methods = saved.pop("methods_run")
-        saved.pop("device", None)
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"--resume: {path} is not a run configuration ({exc})") from None
-    if args.experiment not in (None, saved["experiment"]):
-        raise UserError(f"--resume {args.resume} is a run of {saved['experiment']}, not {args.experiment}")
-    return saved, methods
+def check_inputs(ws: Workspace, methods: Sequence[str]) -> None:
+    """Read what the run will read before it computes anything: every dataset and task class of the
+    configuration, the cached pre-trained networks, the meta-learner given, a resumed run's
+    checkpoints.  A bad one stops the run before any pre-training (and before a new run's folder
+    exists)."""
+    tasks = ws.config["tasks"]
+    for spec in [tasks["source"], *tasks["meta_train"], *tasks["meta_test"]]:
+        ws.task(spec, spec["classes"] if "classes" in spec else spec["pool"])
+    load_progress(ws)
+    indices = {ws.metatest_checkpoint} | (set(range(ws.config["metatrain"]["checkpoints"])) if "ours" in methods else set())
+    for index in sorted(indices):
+        if ws.cached_path("w0", index).exists():
+            ws.pretrained_state(index)  # read and checked now; it is cached, so nothing is trained
+    if "ours" not in methods:
+        return
+    path = ws.config["methods"]["ours"]["metalearner"]
+    if path:
+        load_metalearner(path, ws.new_model(), arch=ws.config["arch"])
+    elif (ws.out_dir / CHECKPOINT).exists():
+        read_checkpoint(ws.out_dir / CHECKPOINT, ws.config, {"meta": MetaLearner(ws.new_model()).state_dict()})
 
 
 def network_passes(config: dict) -> float:
@@ -173,51 +257,47 @@ LONG_CPU_RUN_PASSES = 200_000
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out_dir = None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out_dir, started = None, False
     try:
-        plugins = load_plugins(argv)
-        args = build_parser(next((a for a in argv if a in EXPERIMENTS), None)).parse_args(argv)
-        if args.resume is not None:
-            config, methods = resumed_run(args)
-            for spec in config.pop("plugins", []):
-                if spec not in plugins:
-                    load_plugin(spec)
-                    plugins.append(spec)
-            out = args.resume
-        else:
-            if args.experiment is None:
-                raise UserError("the following arguments are required: experiment (see --help)")
-            arch = [f"arch={json.dumps(args.arch)}"] if args.arch is not None else []
-            config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
-                                  overrides=arch + args.overrides)
-            methods = parse_methods(args.methods)
-            out = args.out
-        if args.metalearner is not None:
-            if not os.path.isfile(args.metalearner):
-                raise UserError(f"--metalearner {args.metalearner}: no such file (a run's metalearner.pt)")
-            config["methods"]["ours"]["metalearner"] = os.path.abspath(args.metalearner)
-        device = resolve_device(args.device)
-        out_dir = prepare_out_dir(out, config)
-        if device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
-            hours = estimate_seconds(config, device) / 3600
-            print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
-                  "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
-        _io.write_json(out_dir / "config.json", {**config, "methods_run": methods, "device": str(device),
-                                                 "plugins": plugins})
-        workspace = Workspace(config, data_root=args.data_root, out_dir=out_dir, device=device,
-                              progress=not args.no_progress, tensorboard=args.tensorboard)
-        start = time.perf_counter()
-        results = run_metatest(workspace, methods)
-        results["seconds"] = round(time.perf_counter() - start, 1)
-        paths = save_results(results, out_dir)
+        with contextlib.ExitStack() as held:
+            plugins = load_plugins(argv)
+            parser = build_parser(next((a for a in argv if a in EXPERIMENTS), None))
+            args = parser.parse_args(argv)
+            if args.resume is not None:
+                config, run, out_dir = resumed_run(args, given_options(parser, argv))
+                held.enter_context(run_folder.RunLock(out_dir))
+            else:
+                config, run, out_dir = new_run(args, plugins)
+                run_folder.check_new(out_dir)
+            torch.set_num_threads(run["threads"])  # torch's CPU kernels round differently with other counts
+            device = resolve_device(run["device"])
+            check_backend(device)
+            data_root = check_data_root(args.data_root)
+            if device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
+                hours = estimate_seconds(config, device) / 3600
+                print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
+                      "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
+            workspace = Workspace(config, data_root=data_root, out_dir=out_dir, device=device,
+                                  progress=not args.no_progress, tensorboard=args.tensorboard)
+            check_inputs(workspace, run["methods_run"])
+            if args.resume is None:
+                held.enter_context(run_folder.create(out_dir))
+            _io.remove_stale_tmp(out_dir)
+            run_folder.write_run(out_dir, config, run)
+            started = True
+            start = time.perf_counter()
+            results = run_metatest(workspace, run["methods_run"])
+            results["seconds"] = round(time.perf_counter() - start, 1)
+            paths = save_results(results, out_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        kept = f"; the run so far is kept: continue it with --resume {out_dir}" if started and isinstance(
+            exc, WriteError) else ""
+        print(f"error: {exc}{kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         close_bars()  # those the interrupt left open: nothing prints after the last line
-        where = (f"resume with: {program_name()} --resume {out_dir}" if out_dir is not None
-                 else "nothing was started")
+        where = (f"resume with: {program_name()} --resume {out_dir}" if started else "nothing was started")
         print(f"\ninterrupted; {where}", file=sys.stderr)
         return 130
     print(summary(results))
@@ -236,6 +316,10 @@ def summary(results: dict) -> str:
             (m0, s0), (m1, s1) = pairs[0], pairs[-1]
             cells.append(f"{task} {100 * m0:.1f}±{100 * s0:.1f} → {100 * m1:.1f}±{100 * s1:.1f}")
         lines.append(f"  {name:9s} " + " | ".join(cells))
+        trained = entry["info"].get("metatrain", {})
+        if "nonfinite_episodes" in trained:  # Algorithm 1's meta-training (MAML's has its own facts)
+            lines.append(f"  {'':9s} meta-trained on {trained['episodes']} episodes, "
+                         f"{trained['nonfinite_episodes']} of them ended non-finite")
     return "\n".join(lines)
 
 

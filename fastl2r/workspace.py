@@ -43,7 +43,7 @@ class Workspace:
         self.download = download
         self.log = RunLog(self.out_dir, tensorboard)
         self._datasets: dict[str, ImageDataset] = {}
-        self._states: dict[tuple, dict] = {}
+        self._states: dict[Path, dict] = {}
 
     # ----- data -----
     def dataset(self, name: str) -> ImageDataset:
@@ -109,31 +109,41 @@ class Workspace:
     def cache_dir(self) -> Path:
         return self.data_root / "checkpoints"
 
-    def cached_state(self, kind: str, index: int, build: Callable[[], dict], extra: Optional[dict] = None) -> dict:
-        """A network state of ``kind`` (``w0``, a baseline's backbone, ...) from the disk cache, or
-        ``build()`` it and cache it.  The key holds everything that shapes it: architecture, Task A,
-        pre-training settings, seed, ``index``, ``extra`` and what identifies registered datasets and
-        architectures (``registered_fingerprint``); a JSON file beside it holds the facts."""
+    def cached_path(self, kind: str, index: int, extra: Optional[dict] = None) -> Path:
+        """Where ``cached_state`` keeps a state.  The key holds everything that shapes it:
+        architecture, Task A, pre-training settings, seed, ``index``, ``extra`` and what identifies
+        registered datasets and architectures (``registered_fingerprint``)."""
         c = self.config
         fields = {"kind": kind, "arch": c["arch"], "source": self.source_spec, "pretrain": c["pretrain"],
                   "seed": c["seed"], "index": index, "extra": extra}
         if self.registered_fingerprint:
             fields["registered"] = self.registered_fingerprint
-        key = spec_key(fields)
-        path = self.cache_dir / f"{kind}-{c['suite']}-{c['preset']}-seed{c['seed']}-{index}-{key}.pt"
-        memo = (kind, index, key)
-        if memo in self._states:
-            return self._states[memo]
+        return self.cache_dir / f"{kind}-{c['suite']}-{c['preset']}-seed{c['seed']}-{index}-{spec_key(fields)}.pt"
+
+    def cached_state(self, kind: str, index: int, build: Callable[[], dict], extra: Optional[dict] = None,
+                     network: Optional[Callable[[], nn.Module]] = None) -> dict:
+        """A network state of ``kind`` (``w0``, a baseline's backbone, ...) from the disk cache
+        (``cached_path``), or ``build()`` it and cache it; a JSON file beside it holds the facts.
+        A cached file that does not hold a network's weights under ``model`` (of the names and
+        shapes of ``network()``, if given) is a UserError."""
+        path = self.cached_path(kind, index, extra)
+        if path in self._states:
+            return self._states[path]
         if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a truncated or foreign file
-                raise UserError(f"the cached network {path} cannot be read ({exc}); delete it to rebuild it") from None
+            fix = "delete it to rebuild it"
+            state = _io.torch_load(path, "the cached network", fix)
+            model = state.get("model") if isinstance(state, dict) else None
+            if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+                raise UserError(f"the cached network {path} is not a network checkpoint; {fix}")
+            mismatch = network is not None and _io.layout_difference(model, network().state_dict(), "model")
+            if mismatch:
+                raise UserError(f"the cached network {path} does not fit this run's {self.config['arch']} network "
+                                f"({mismatch}); {fix}")
         else:
             state = build()
             _io.torch_save(state, path)
             _io.write_json(path.with_suffix(".json"), {k: v for k, v in state.items() if k != "model"})
-        self._states[memo] = state
+        self._states[path] = state
         return state
 
     def pretrained_state(self, index: int = 0) -> dict:
@@ -154,7 +164,7 @@ class Workspace:
             return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "task": task.name,
                     "steps": steps, "test_accuracy": head_accuracy(model, task, 0, self.device)}
 
-        return self.cached_state("w0", index, build)
+        return self.cached_state("w0", index, build, network=lambda: self.new_model([self.source_task().num_classes]))
 
     @property
     def metatest_checkpoint(self) -> int:
@@ -167,3 +177,4 @@ class Workspace:
         model = self.new_model([self.source_task().num_classes])
         model.load_state_dict(state["model"])
         return model
+

@@ -65,11 +65,7 @@ def _cached(path: Path, source: str, build: Callable[[], Arrays]) -> Arrays:
     data = build()
     data["mean"], data["std"] = channel_stats(data["train_images"])
     data.update(format=_CACHE_FORMAT, source=source)
-    try:
-        torch_save(data, path)
-    except OSError as exc:
-        raise UserError(f"cannot write the dataset cache {path} ({exc}); choose a writable data root "
-                        "with --data-root or $FASTL2R_DATA") from exc
+    torch_save(data, path)
     return data
 
 

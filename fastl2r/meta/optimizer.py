@@ -20,7 +20,6 @@ a new episode.  The meta-learner computes in its own dtype (float32), also under
 """
 from __future__ import annotations
 
-import pickle
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -29,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import _io
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .metalearner import ActivationTaps, MetaLearner, MetaState, architecture_name, is_head
 
 METALEARNER_FORMAT = 1
@@ -185,26 +184,31 @@ def save_metalearner(meta: MetaLearner, path: str | Path, **extra) -> Path:
 
 
 def load_metalearner(path: str | Path, model: nn.Module, device: Optional[torch.device | str] = None,
-                     lr: Optional[float] = None) -> MetaLearner:
+                     lr: Optional[float] = None, arch: Optional[str] = None) -> MetaLearner:
     """The meta-learner saved at ``path`` (by ``save_metalearner`` or a meta-training run), for
-    models shaped like ``model``, on ``device`` (default: the model's); ``lr`` replaces its α."""
+    models shaped like ``model`` (whose architecture is named ``arch``, if given), on ``device``
+    (default: the model's); ``lr`` replaces its α.  A file that cannot be read, holds something
+    else, was trained for another network or holds non-finite weights is a UserError."""
     path = Path(path)
+    fix = "pass the metalearner.pt of a finished meta-training run"
     if not path.is_file():
-        raise UserError(f"no meta-learner at {path}: pass the metalearner.pt of a finished meta-training run")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise UserError(f"cannot read the meta-learner {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(saved, dict) or "meta" not in saved:
-        raise UserError(f"{path} is not a meta-learner (no 'meta' entry); pass a run's metalearner.pt")
+        raise UserError(f"no meta-learner at {path}: {fix}")
+    saved = _io.torch_load(path, "the meta-learner", fix)
+    state = saved.get("meta") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a meta-learner (it holds a {type(saved).__name__} of other things); {fix}")
     model = unwrap_compiled(model)
+    trained_for = saved["arch"] if isinstance(saved.get("arch"), str) else "an unrecorded architecture"
+    if arch is not None and isinstance(saved.get("arch"), str) and trained_for != arch:
+        raise UserError(f"the meta-learner {path} was trained for {trained_for}, but this run's network is {arch}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"the meta-learner {path} has non-finite weights (a diverged meta-training?); it cannot be used")
     options = {k: saved[k] for k in ("head_prefix", "conv_hidden", "norm_hidden") if k in saved}
-    trained_for = f"{saved.get('arch', 'an unrecorded architecture')}"
     try:
         meta = MetaLearner(model, lr=saved.get("lr", 0.1) if lr is None else lr, **options)
     except ValueError as exc:
         raise UserError(f"cannot load the meta-learner {path}: it was trained for {trained_for}, and the model "
-                        f"({architecture_name(model)}) has no tensor to gate: {exc}") from None
+                        f"({architecture_name(model)}) has no tensor to gate: {first_line(exc)}") from None
     found = meta.layout()
     expected = [tuple(entry) for entry in saved.get("layout", found)]
     if expected != found:
@@ -214,10 +218,10 @@ def load_metalearner(path: str | Path, model: nn.Module, device: Optional[torch.
         raise UserError(f"cannot load the meta-learner {path}: it was trained for {trained_for} ({len(expected)} "
                         f"gated tensors), the model is {architecture_name(model)} ({len(found)}); {detail}")
     try:
-        meta.load_state_dict(saved["meta"])
+        meta.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"cannot load the meta-learner {path}: it was trained for {trained_for}, the model is "
-                        f"{architecture_name(model)}: {str(exc).splitlines()[0]}") from None
+                        f"{architecture_name(model)}: {first_line(exc)}") from None
     if device is None:
         device = next(model.parameters()).device
     return meta.to(device)

@@ -68,7 +68,7 @@ class Ours(Method):
         lr = ws.config["metatrain"]["lr"]
         self.history, self.training = [], {}
         if path:
-            self.meta = load_metalearner(path, model, ws.device, lr=lr)
+            self.meta = load_metalearner(path, model, ws.device, lr=lr, arch=ws.config["arch"])
         else:
             trainer = MetaTrainer(ws, run_dir=ws.out_dir)
             if ws.out_dir is not None:
@@ -81,6 +81,12 @@ class Ours(Method):
                              "inner_steps_per_second": round(trainer.steps_per_second, 3)}
         self.meta.requires_grad_(False)
         self.deltas: dict[str, list[torch.Tensor]] = {}
+
+    def state_dict(self) -> dict:
+        return {"deltas": self.deltas}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.deltas = state["deltas"]
 
     def info(self) -> dict:
         return {"metatrain": self.training} if self.training else {}

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..data.sampler import SamplingSet, SlotSampler
 from ..distributed import SINGLE, Ranks
-from ..errors import UserError
-from ..experiments import curriculum_at
+from ..errors import UserError, first_line
+from ..experiments import computation_changes, curriculum_at
 from ..models import runs_slots
 from ..profiling import nvtx_range
 from ..workspace import Workspace
@@ -34,6 +34,9 @@ from .unroll import END_REASONS, RUNNING, SlotState, Unroll
 
 CHECKPOINT = "metatrain_checkpoint.pt"
 METALEARNER = "metalearner.pt"
+# The share of non-finite episodes is judged once this many episodes have finished (all of them,
+# in shorter runs), so that one unlucky episode among the first few does not stop a run.
+NONFINITE_JUDGED_AFTER = 10
 # Slots per device when ``metatrain.parallel_episodes`` is 0 (auto).  On the CPU, measured: a
 # folded network of S slots costs more than S networks (grouped convolutions are slower than
 # plain ones in oneDNN), so one slot is fastest.  On CUDA: provisional, until measured.  An
@@ -172,6 +175,7 @@ class MetaTrainer:
         self.pending: list[int] = []  # episodes to start again first (resumed on another slot layout)
         self._start = time.perf_counter()
         self._saved_at = time.perf_counter()
+        self._saved_windows = 0  # progress.windows at the last checkpoint
 
     # ----- episodes -----
     def episode_seed(self, episode: int) -> int:
@@ -412,32 +416,39 @@ class MetaTrainer:
         else:
             self.state, self.running = self._idle_state(), {}
             self.pending = sorted(e.episode for e in running.values()) + self.pending
+        self._saved_windows = self.progress.windows
 
     def save(self) -> None:
         state = self.state_dict()
         if self.run_dir is not None and state is not None:
             _io.torch_save(state, self.run_dir / CHECKPOINT)
         self._saved_at = time.perf_counter()
+        self._saved_windows = self.progress.windows
 
     def resume(self, run_dir: Path) -> bool:
         """Continue from ``run_dir``'s checkpoint if there is one; returns whether there was."""
         path = Path(run_dir) / CHECKPOINT
         if not path.exists():
             return False
+        slot = _to(self.state.select(self.group_rows, [0]).tensors(), "cpu")
+        fresh = {"meta": self.meta.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "slots": [slot] * self.total_slots}
+        state = read_checkpoint(path, self.config, fresh)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             self.load_state_dict(state)
-        except Exception as exc:  # a corrupt or foreign file
-            raise UserError(f"cannot resume from {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # episode records of another layout
+            raise UserError(f"cannot resume from {path}: {first_line(exc)}; delete it to restart meta-training") from None
         return True
 
     # ----- the whole run -----
     def train(self, progress: bool = True, stop_after: Optional[int] = None,
               on_episode: Optional[Callable[[dict], None]] = None) -> MetaLearner:
         """Run the remaining episodes (until ``stop_after`` have finished, if given), a window at a
-        time, checkpointing every ``save_every`` finished episodes, every ``checkpoint_minutes`` and
-        at the end; the finished meta-learner goes to ``metalearner.pt``.  ``on_episode`` gets each
-        finished episode's record (``EpisodeRecord`` as a dict) as it finishes."""
+        time, checkpointing every ``save_every`` finished episodes, at the end of each curriculum
+        stage, every ``checkpoint_minutes`` and at the end; the finished meta-learner goes to
+        ``metalearner.pt``.  ``on_episode`` gets each finished episode's record (``EpisodeRecord``
+        as a dict) as it finishes.  Stops with a UserError (after a checkpoint) once more than
+        ``max_nonfinite_fraction`` of the finished episodes ended non-finite."""
         total = self.mt["episodes"]
         until = total if stop_after is None else min(stop_after, total)
         self._checkpoint_pool()  # pre-training w0 is not meta-training time
@@ -454,17 +465,39 @@ class MetaTrainer:
             if finished:
                 last = finished[-1]
                 bar.set_postfix(ep=last.episode, loss=f"{last.final_loss:.2f}", thr=last.threshold,
-                                tbptt=last.tbptt, its=f"{self.steps_per_second:.2f}/s")
-            due = (self.progress.episode // self.mt["save_every"] > before // self.mt["save_every"]
-                   or time.perf_counter() - self._saved_at > 60 * self.mt["checkpoint_minutes"])
-            if due:
+                                tbptt=last.tbptt, nonfinite=self.progress.nonfinite,
+                                its=f"{self.steps_per_second:.2f}/s")
+            # Due: every save_every finished episodes, at the end of each curriculum stage, and
+            # every checkpoint_minutes (every rank decides alike: the checkpoint gathers them all).
+            due = any(self.progress.episode // self.mt[key] > before // self.mt[key]
+                      for key in ("save_every", "curriculum_every"))
+            stop = self.too_many_nonfinite()
+            late = time.perf_counter() - self._saved_at > 60 * self.mt["checkpoint_minutes"]
+            if due or stop or self.ranks.all_gather(late) != [False] * self.ranks.world:
                 self._checkpoint()
+            if stop:
+                bar.close()
+                raise UserError(self.nonfinite_message())
         bar.close()
-        self._checkpoint()
+        if self.progress.windows != self._saved_windows:
+            self._checkpoint()
         if self.run_dir is not None and self.ranks.writer and self.progress.episode == total:
             save_metalearner(self.meta, self.run_dir / METALEARNER, arch=self.config["arch"], config=self.config)
             _io.write_json(self.run_dir / "metatrain.json", asdict(self.progress))
         return self.meta
+
+    def too_many_nonfinite(self) -> bool:
+        """More than ``metatrain.max_nonfinite_fraction`` of the finished episodes ended non-finite."""
+        p = self.progress
+        return (p.episode >= min(NONFINITE_JUDGED_AFTER, self.mt["episodes"])
+                and p.nonfinite > self.mt["max_nonfinite_fraction"] * p.episode)
+
+    def nonfinite_message(self) -> str:
+        p, mt = self.progress, self.mt
+        return (f"meta-training stopped: {p.nonfinite} of {p.episode} finished episodes ended with a non-finite "
+                f"loss (more than metatrain.max_nonfinite_fraction={mt['max_nonfinite_fraction']:g}); a learning "
+                f"rate is likely too large: lower metatrain.lr (the student's, now {mt['lr']:g}) or "
+                f"metatrain.meta_lr (θ's Adam, now {mt['meta_lr']:g})")
 
     def _checkpoint(self) -> None:
         self.progress.seconds += time.perf_counter() - self._start
@@ -476,6 +509,27 @@ class MetaTrainer:
         """Episode-steps (steps of running slots) per second of meta-training."""
         elapsed = self.progress.seconds + (time.perf_counter() - self._start)
         return self.progress.inner_steps / max(elapsed, 1e-9)
+
+
+def read_checkpoint(path: Path, config: dict, fresh: dict) -> dict:
+    """The meta-training checkpoint at ``path`` (on the CPU), checked before anything uses it: a
+    checkpoint of ``config`` (bookkeeping keys aside) whose parts named in ``fresh`` (a new trainer's
+    ``state_dict()`` entries) have their layout, with finite θ.  Anything else is a UserError."""
+    fix = "delete it to restart meta-training"
+    state = _io.torch_load(path, "the meta-training checkpoint", fix)
+    keys = ("meta", "optimizer", "slots", "running", "pending", "progress", "config")
+    if not isinstance(state, dict) or sorted(state) != sorted(keys) or not isinstance(state["config"], dict):
+        raise UserError(f"{path} is not a meta-training checkpoint; {fix}")
+    changes = computation_changes(state["config"], config)
+    if changes:
+        raise UserError(f"{path} is the checkpoint of another configuration ({', '.join(changes[:3])}); {fix}")
+    for part, expected in fresh.items():
+        mismatch = _io.layout_difference(state[part], expected, part)
+        if mismatch:
+            raise UserError(f"{path} does not fit this run's {config['arch']} network ({mismatch}); {fix}")
+    if not all(torch.isfinite(t).all() for t in state["meta"].values() if t.is_floating_point()):
+        raise UserError(f"{path} holds a non-finite θ; {fix}")
+    return state
 
 
 def _to(tree, device, dtype: Optional[torch.dtype] = None):
