@@ -365,13 +365,13 @@ def _check_tasks(tasks: dict) -> None:
 
 
 def _check_task(name: str, spec: Any, fixed: bool = False) -> None:
-    from .data import DATASET_NAMES, TRAIN_PARTS
+    from .data import DATASETS, TRAIN_PARTS
 
     keys = {"dataset", "train_part"} | (
         {"classes"} if fixed or not isinstance(spec, dict) or "classes" in spec else {"pool", "ways"})
     if not isinstance(spec, dict) or set(spec) != keys:
         raise UserError(f"{name} must be a task with the keys {', '.join(sorted(keys))}, got {json.dumps(spec)}")
-    _check_choice(f"{name}.dataset", spec["dataset"], DATASET_NAMES)
+    _check_choice(f"{name}.dataset", spec["dataset"], DATASETS)
     _check_choice(f"{name}.train_part", spec["train_part"], TRAIN_PARTS)
     key = "classes" if "classes" in spec else "pool"
     classes = spec[key]

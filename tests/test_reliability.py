@@ -138,9 +138,9 @@ def test_a_resumed_meta_test_runs_only_the_unfinished_runs(reference, tmp_path, 
     (run / "results.json").unlink()
     calls, real = [], metatest.run_method
 
-    def recorded(ws, method, index, tasks):
+    def recorded(ws, method, index, tasks, *progress):
         calls.append((method.name, index))
-        return real(ws, method, index, tasks)
+        return real(ws, method, index, tasks, *progress)
 
     monkeypatch.setattr(metatest, "run_method", recorded)
     code, err = run_main(capsys, "--resume", run)
@@ -288,7 +288,7 @@ def checkpoint_file(folder: Path, config: dict, arch=None, obj=None, raw=None):
         return
     if obj is None:
         meta = MetaLearner(ARCHITECTURES[arch or config["arch"]](1, []))
-        obj = {"meta": meta.state_dict(), "optimizer": {}, "slots": {}, "running": {}, "progress": {},
+        obj = {"meta": meta.state_dict(), "optimizer": {}, "slots": {}, "running": {}, "pending": [], "progress": {},
                "config": config}
     torch.save(obj, path)
 
@@ -375,7 +375,8 @@ BAD_INPUTS = [
      lambda t: metalearner_file(t / "m.pt", arch="resnet14_gn"), {},
      "was trained for resnet14_gn, but this run's network is resnet8_gn"),
     ("--metalearner of other channels", [*NEW, "--set", "arch=\"resnet8_gn\"", "--metalearner", "{tmp}/m.pt"],
-     lambda t: metalearner_file(t / "m.pt", channels=3), {}, "does not fit this run's resnet8_gn"),
+     lambda t: metalearner_file(t / "m.pt", channels=3), {},
+     "first difference: conv.weight [16, 3, 3, 3] there, conv.weight [16, 1, 3, 3] here"),
     ("cached w0 a dict", RUN, lambda t: cached_w0(t, {"foo": 1}), {"FASTL2R_DATA": "{tmp}/data"},
      "is not a network checkpoint"),
     ("cached w0 of another network", RUN, lambda t: cached_w0(t, {"model": ARCHITECTURES["resnet14_gn"](1, [5]).state_dict()}),
