@@ -65,15 +65,17 @@ def setup(device: Optional[str]) -> tuple[Ranks, torch.device]:
 
     ``device``: ``cuda`` (one GPU per rank, ``LOCAL_RANK``), ``cpu``, or None (cuda if available).
     """
+    target = resolve_device(device)
     if not launched():
-        return SINGLE, _device(device, 0)
+        return SINGLE, target
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
-    target = _device(device, local)
-    if target.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise UserError(f"rank {rank} has local rank {local}, but this node has {torch.cuda.device_count()} "
-                            f"GPU(s): start at most that many processes per node (torchrun --nproc-per-node)")
+    if target.type == "cuda":  # every rank of the node sees the same count, so every one says so
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if per_node > torch.cuda.device_count():
+            raise UserError(f"{per_node} processes on this node, but it has {torch.cuda.device_count()} GPU(s): "
+                            "start at most one per GPU (torchrun --nproc-per-node)")
+        target = torch.device("cuda", local)
         torch.cuda.set_device(target)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
@@ -86,11 +88,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _device(name: Optional[str], local_rank: int) -> torch.device:
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``cpu`` or ``cuda`` (None: cuda if available); a UserError if it cannot be had."""
     if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
         raise UserError(f"unknown device {name!r}; choose cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+    return torch.device(name)

@@ -114,11 +114,12 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
     return curve
 
 
-def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
-    """Meta-test ``methods`` over every run; returns the ``results.json`` content.  One overall
-    progress line follows it (closed, with the bars under it, however it ends).  With a run folder,
-    each finished (method, run) is kept in ``metatest_progress.pt`` at once, and an interrupted
-    meta-test continues from there."""
+def run_metatest(ws: Workspace, methods: Sequence[str]) -> Optional[dict]:
+    """Meta-test ``methods`` over every run; returns the ``results.json`` content (on rank 0; None on
+    the others of a job of several ranks, which share the runs out: run r on rank r mod N).  One
+    overall progress line follows it (closed, with the bars under it, however it ends).  With a run
+    folder, each finished (method, run) is kept in ``metatest_progress.pt`` at once (after each round
+    of runs with several ranks), and an interrupted meta-test continues from there."""
     m = ws.config["metatest"]
     overall = OverallProgress(methods, ws.config["runs"], m["steps_per_task"] * len(ws.config["tasks"]["meta_test"]),
                               enabled=ws.progress)
@@ -128,7 +129,7 @@ def run_metatest(ws: Workspace, methods: Sequence[str]) -> dict:
         overall.close()
 
 
-def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress) -> dict:
+def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress) -> Optional[dict]:
     instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
     for method in instances:
         overall.preparing(method.name)
@@ -137,28 +138,48 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
     for method in instances:
         if method.name in progress["methods"]:
             method.load_state_dict(progress["methods"][method.name])
-    for run in range(ws.config["runs"]):
-        tasks = None
-        for method in instances:
-            done = progress["curves"].setdefault(method.name, {})
-            if run in done:
-                continue
-            tasks = tasks or run_tasks(ws, run)
-            overall.begin_run(method.name, run)
-            done[run] = run_method(ws, method, run, tasks, overall)
-            overall.end_run()
-            progress["task_names"][run] = [t.name for t in tasks]
-            progress["methods"][method.name] = method.state_dict()
-            if ws.out_dir is not None:
-                _io.torch_save(progress, ws.out_dir / PROGRESS)
-    curves = {name: [progress["curves"][name][run] for run in range(ws.config["runs"])] for name in methods}
-    task_names = [progress["task_names"][run] for run in range(ws.config["runs"])]
+    ranks, runs = ws.ranks, ws.config["runs"]
+    for first in range(0, runs, ranks.world):  # a round: run first + r on rank r, then all gathered
+        run = first + ranks.rank
+        finished = {}
+        if run < runs:
+            tasks = None
+            for method in instances:
+                if run in progress["curves"].get(method.name, {}):
+                    continue
+                tasks = tasks or run_tasks(ws, run)
+                overall.begin_run(method.name, run)
+                finished[method.name] = run_method(ws, method, run, tasks, overall)
+                overall.end_run()
+                if ranks.world == 1:  # one process: kept after every (method, run)
+                    _keep(ws, progress, instances, {method.name: finished.pop(method.name)}, run, tasks)
+            names = [t.name for t in tasks] if tasks is not None else None
+        for rank_run, rank_finished, rank_names in ranks.all_gather((run, finished, names if run < runs else None)):
+            if rank_finished:
+                _keep(ws, progress, instances, rank_finished, rank_run, None, rank_names)
+    if not ranks.writer:
+        return None
+    curves = {name: [progress["curves"][name][run] for run in range(runs)] for name in methods}
+    task_names = [progress["task_names"][run] for run in range(runs)]
     results = summarise(ws.config, curves, task_names)
     for method in instances:
         results["methods"][method.name]["info"] = method.info()
         if ws.out_dir is not None:
             method.write_artifacts(ws.out_dir)
     return results
+
+
+def _keep(ws: Workspace, progress: dict, instances: Sequence[Method], curves: dict, run: int,
+          tasks: Optional[Sequence[TaskPair]], names: Optional[list[str]] = None) -> None:
+    """Record finished (method, ``run``) curves in ``progress``; rank 0 writes it to the run folder.
+    A method's state (e.g. ``ours``' δ samples of run 0) is the one of rank 0, which runs run 0."""
+    for name, curve in curves.items():
+        progress["curves"].setdefault(name, {})[run] = curve
+    progress["task_names"][run] = names if names is not None else [t.name for t in tasks]
+    for method in instances:
+        progress["methods"][method.name] = method.state_dict()
+    if ws.out_dir is not None and ws.ranks.writer:
+        _io.torch_save(progress, ws.out_dir / PROGRESS)
 
 
 def load_progress(ws: Workspace) -> dict:

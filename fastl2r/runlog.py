@@ -49,17 +49,20 @@ def summary_writer(log_dir: Path):
 
 
 class RunLog:
-    """The live logs of a run in ``out_dir`` (None: none are written)."""
+    """The live logs of a run in ``out_dir`` (None: none are written).  In a job of several ranks
+    every rank appends the readouts it measures (whole lines, one write each) and only the
+    ``writer`` the meta-training episodes, which every rank knows."""
 
-    def __init__(self, out_dir: Optional[Path], tensorboard: bool = False):
+    def __init__(self, out_dir: Optional[Path], tensorboard: bool = False, writer: bool = True):
         if tensorboard and out_dir is None:
             raise UserError("TensorBoard logs go into the run folder: give an output folder")
         self.out_dir = out_dir
+        self.writer = writer
         self.tensorboard = summary_writer(out_dir / "tensorboard") if tensorboard else None
 
     def episode(self, record: dict) -> None:
         """A finished meta-training episode (``EpisodeRecord`` fields)."""
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writer:
             append_row(self.out_dir / METATRAIN_CSV, EPISODE_COLUMNS, record)
         if self.tensorboard is not None:
             for key in ("final_loss", "mean_loss", "threshold", "steps", "tbptt"):

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import __version__, _io, ops, run_folder
+from . import __version__, _io, distributed, ops, run_folder
 from .data import resolve_data_root
 from .errors import UserError, WriteError
 from .experiments import (EXPERIMENTS, PRESETS, TASKS, apply_override, build_config, computation_changes,
@@ -110,16 +110,6 @@ def load_plugins(argv: Sequence[str]) -> list[str]:
     return [str(Path(spec).resolve()) if spec.endswith(".py") else spec for spec in specs]
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; choose cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
-
 def new_run(args: argparse.Namespace, plugins: list[str]) -> tuple[dict, dict, Path]:
     """The configuration, run facts (methods, device, CPU threads, plugins) and folder of a new run."""
     if args.experiment is None:
@@ -127,7 +117,7 @@ def new_run(args: argparse.Namespace, plugins: list[str]) -> tuple[dict, dict, P
     arch = [f"arch={json.dumps(args.arch)}"] if args.arch is not None else []
     config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
                           overrides=arch + args.overrides)
-    run = {"methods_run": parse_methods(args.methods), "device": resolve_device(args.device).type,
+    run = {"methods_run": parse_methods(args.methods), "device": distributed.resolve_device(args.device).type,
            "threads": torch.get_num_threads(), "plugins": plugins}
     if args.metalearner is not None:
         if not os.path.isfile(args.metalearner):
@@ -171,7 +161,7 @@ def resumed_run(args: argparse.Namespace, given: dict) -> tuple[dict, dict, Path
     changes = computation_changes(config, requested)
     if "methods" in given and parse_methods(given["methods"]) != run["methods_run"]:
         changes.append(f"--methods ({','.join(run['methods_run'])} → {','.join(parse_methods(given['methods']))})")
-    if "device" in given and resolve_device(given["device"]).type != run["device"]:
+    if "device" in given and distributed.resolve_device(given["device"]).type != run["device"]:
         changes.append(f"--device ({run['device']} → {given['device']})")
     if "out" in given and Path(given["out"]).absolute() != folder.absolute():
         changes.append(f"--out ({folder} → {given['out']})")
@@ -212,6 +202,10 @@ def check_inputs(ws: Workspace, methods: Sequence[str]) -> None:
     configuration, the cached pre-trained networks, the meta-learner given, a resumed run's
     checkpoints.  A bad one stops the run before any pre-training (and before a new run's folder
     exists)."""
+    slots = ws.config["metatrain"]["parallel_episodes"]
+    if "ours" in methods and slots % ws.ranks.world:
+        raise UserError(f"metatrain.parallel_episodes={slots} episode slots do not divide among the job's "
+                        f"{ws.ranks.world} processes; choose a multiple of {ws.ranks.world}")
     tasks = ws.config["tasks"]
     for spec in [tasks["source"], *tasks["meta_train"], *tasks["meta_test"]]:
         ws.task(spec, spec["classes"] if "classes" in spec else spec["pool"])
@@ -261,33 +255,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir, started = None, False
     try:
         with contextlib.ExitStack() as held:
+            held.callback(distributed.teardown)
             plugins = load_plugins(argv)
             parser = build_parser(next((a for a in argv if a in EXPERIMENTS), None))
             args = parser.parse_args(argv)
             if args.resume is not None:
                 config, run, out_dir = resumed_run(args, given_options(parser, argv))
-                held.enter_context(run_folder.RunLock(out_dir))
             else:
                 config, run, out_dir = new_run(args, plugins)
-                run_folder.check_new(out_dir)
+            ranks, device = distributed.setup(run["device"])  # one process, or this rank of torchrun's job
+            if ranks.writer:  # rank 0 alone owns the run folder
+                if args.resume is not None:
+                    held.enter_context(run_folder.RunLock(out_dir))
+                else:
+                    run_folder.check_new(out_dir)
             torch.set_num_threads(run["threads"])  # torch's CPU kernels round differently with other counts
-            device = resolve_device(run["device"])
             check_backend(device)
             data_root = check_data_root(args.data_root)
-            if device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
+            if ranks.writer and device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
                 hours = estimate_seconds(config, device) / 3600
                 print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
                       "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
             workspace = Workspace(config, data_root=data_root, out_dir=out_dir, device=device,
-                                  progress=not args.no_progress, tensorboard=args.tensorboard)
+                                  progress=not args.no_progress, tensorboard=args.tensorboard, ranks=ranks)
             check_inputs(workspace, run["methods_run"])
-            if args.resume is None:
-                held.enter_context(run_folder.create(out_dir))
-            _io.remove_stale_tmp(out_dir)
-            run_folder.write_run(out_dir, config, run)
+            if ranks.writer:
+                if args.resume is None:
+                    held.enter_context(run_folder.create(out_dir))
+                _io.remove_stale_tmp(out_dir)
+                run_folder.write_run(out_dir, config, run)
+            ranks.barrier()  # the folder exists before any rank writes into it
             started = True
             start = time.perf_counter()
             results = run_metatest(workspace, run["methods_run"])
+            if results is None:  # another rank than 0: its runs went to rank 0
+                return 0
             results["seconds"] = round(time.perf_counter() - start, 1)
             paths = save_results(results, out_dir)
     except UserError as exc:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from . import _io
 from .data import BUILT_IN_DATASETS, ImageDataset, Task, load_dataset, make_task, resolve_data_root
+from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .models import BUILT_IN_ARCHITECTURES, build_model
 from .runlog import RunLog
@@ -31,17 +32,19 @@ def spec_key(obj) -> str:
 class Workspace:
     """Data, networks and cached checkpoints of one configuration (``experiments.build_config``);
     ``out_dir`` is the run folder (None: nothing is written), ``progress`` whether bars show;
-    ``log`` takes the live logs (also to TensorBoard with ``tensorboard``)."""
+    ``log`` takes the live logs (also to TensorBoard with ``tensorboard``); ``ranks``: this process's
+    place in a job of several (``torchrun``), where rank 0 alone writes results and shows progress."""
 
     def __init__(self, config: dict, *, data_root=None, out_dir=None, device: str | torch.device = "cpu",
-                 progress: bool = True, download: bool = True, tensorboard: bool = False):
+                 progress: bool = True, download: bool = True, tensorboard: bool = False, ranks: Ranks = SINGLE):
         self.config = config
         self.device = torch.device(device)
         self.data_root = resolve_data_root(data_root)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress
+        self.ranks = ranks
+        self.progress = progress and ranks.writer
         self.download = download
-        self.log = RunLog(self.out_dir, tensorboard)
+        self.log = RunLog(self.out_dir, tensorboard and ranks.writer, writer=ranks.writer)
         self._datasets: dict[str, ImageDataset] = {}
         self._states: dict[Path, dict] = {}
 

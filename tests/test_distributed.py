@@ -1,8 +1,11 @@
 """Meta-training across processes (torch.distributed, Gloo on the CPU): two ranks of one slot each
 train the θ one process of two slots trains, up to the order of the gradient sums, and keep θ
 identical on every rank."""
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,3 +85,77 @@ def test_slots_must_divide_among_the_ranks(tmp_path):
         MetaTrainer(Workspace(build_config("exp1", "fmnist", "smoke", overrides=[
             'arch="resnet8_gn"', "metatrain.parallel_episodes=3"]), data_root=tmp_path, progress=False),
             ranks=distributed.Ranks(0, 2))
+
+
+# ----- the command line under torchrun -----
+SMOKE = ["exp1", "--suite", "fmnist", "--preset", "smoke", "--methods", "ours,sgd", "--runs", "3", "--no-progress",
+         "--device", "cpu", "--set", 'arch="resnet8_gn"', "--set", "pretrain.epochs=0.02",
+         "--set", "metatrain.episodes=4", "--set", "metatrain.episode_steps=4", "--set", "metatrain.parallel_episodes=2",
+         "--set", "metatrain.save_every=1", "--set", "metatest.steps_per_task=4", "--set", "metatest.eval_every=2",
+         "--set", "readout.steps=20"]
+KILL_RANK_1 = """
+import os, signal, sys
+from fastl2r.meta.trainer import MetaTrainer
+from fastl2r.train import main
+real, windows = MetaTrainer.run_window, []
+
+def run_window(self):
+    windows.append(1)
+    if os.environ["RANK"] == "1" and len(windows) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # one rank dies in the middle of meta-training
+    return real(self)
+
+MetaTrainer.run_window = run_window
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch(tmp_path, out, *extra, ranks=2, script=None):
+    """``torchrun --nproc-per-node=ranks`` (or one process) of the CLI on the smoke run."""
+    env = {**os.environ, "FASTL2R_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    program = ([str(script)] if script else ["-m", "fastl2r.train"])
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    command = [sys.executable, *runner, *program, *SMOKE, "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_torchrun_gives_the_single_process_results_and_resumes_after_a_rank_dies(tmp_path):
+    single = launch(tmp_path, tmp_path / "single", ranks=1)
+    assert single.returncode == 0, single.stderr[-2000:]
+    job = launch(tmp_path, tmp_path / "job")
+    assert job.returncode == 0, job.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("single", "job"))
+    for name in ("ours", "sgd"):  # runs 0 and 2 on rank 0, run 1 on rank 1
+        assert two["methods"][name]["runs"] == one["methods"][name]["runs"], name
+    assert two["task_names"] == one["task_names"]
+    meta = [torch.load(tmp_path / d / "metalearner.pt", weights_only=True)["meta"] for d in ("single", "job")]
+    for key in meta[0]:  # float32: one bucketed sum over ranks against a folded network's.  Adam steps by about
+        # lr·sign(g) where g is tiny, so the round-off of near-zero gradients flips a few of θ's elements by
+        # up to 2·lr per step; the rest agree (the float64 test above holds the whole θ to 1e-10)
+        far = (meta[1][key] - meta[0][key]).abs() > 1e-4
+        assert far.double().mean() < 0.01, (key, far.double().mean().item())
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    killed = launch(tmp_path, tmp_path / "killed", script=script)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "results.json").exists()
+    assert (tmp_path / "killed" / "metatrain_checkpoint.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              "-m", "fastl2r.train", "--resume", str(tmp_path / "killed")], capture_output=True,
+                             text=True, env={**os.environ, "FASTL2R_DATA": str(tmp_path / "data"),
+                                             "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = torch.load(tmp_path / "killed" / "metalearner.pt", weights_only=True)["meta"]
+    for key in meta[1]:
+        assert torch.equal(after[key], meta[1][key]), key  # the same slot layout: exactly the job's θ
+    again = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for name in ("ours", "sgd"):  # (the info holds timings)
+        assert again["methods"][name]["runs"] == two["methods"][name]["runs"], name
+
+
+def test_slots_that_do_not_divide_among_the_processes_exit_2_on_every_rank(tmp_path):
+    job = launch(tmp_path, tmp_path / "job", "--set", "metatrain.parallel_episodes=3")
+    assert job.returncode != 0 and not (tmp_path / "job").exists()
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("do not divide among the job's 2 processes" in e for e in errors), job.stderr[-2000:]

@@ -120,7 +120,7 @@ class MetaTrainer:
     and ``pretrained_state`` will do)."""
 
     def __init__(self, workspace: Workspace, meta: Optional[MetaLearner] = None,
-                 run_dir: Optional[Path] = None, ranks: Ranks = SINGLE):
+                 run_dir: Optional[Path] = None, ranks: Optional[Ranks] = None):
         self.workspace = workspace
         self.config = workspace.config
         self.mt = self.config["metatrain"]
@@ -133,6 +133,7 @@ class MetaTrainer:
         self.meta = meta.to(self.device)
         # ``parallel_episodes`` counts the slots of the whole job; each rank runs its share.  A network
         # whose layers do not fold slots runs one per rank.
+        ranks = ranks or getattr(workspace, "ranks", SINGLE)
         self.ranks = ranks
         folds = runs_slots(self.skeleton, self.meta.head_prefix)
         per_device = AUTO_SLOTS.get(self.device.type, 1) if folds else 1
