@@ -449,7 +449,7 @@ def scale_count(dims: GroupDims) -> int:
 
 
 def _constants(dims: GroupDims, dtype: torch.dtype) -> dict:
-    (ih1, hh1, _), (ih2, hh2, b2), (ih3, hh3, b3) = dims.lstm_offsets()
+    (ih1, hh1, _), (ih2, hh2, _), (ih3, hh3, _) = dims.lstm_offsets()
     assert ih1 == 0, "the kernels read W_ih1 at the start of a tensor's lstm row"
     return dict(K=dims.K, H=dims.H, HP=next_pow2(dims.H, 16), D=dims.D, P=dims.lstm_size,
                 NS=scale_count(dims), HH1=hh1, IH2=ih2, HH2=hh2, IH3=ih3, HH3=hh3,

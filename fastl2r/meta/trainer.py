@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,7 +28,7 @@ from ..experiments import computation_changes, curriculum_at
 from ..models import runs_slots
 from ..profiling import nvtx_range
 from ..workspace import Workspace
-from .metalearner import MetaLearner, MetaState, tapped_layers
+from .metalearner import MetaLearner, tapped_layers
 from .optimizer import save_metalearner
 from .unroll import END_REASONS, RUNNING, SlotState, Unroll
 
