@@ -51,19 +51,26 @@ def _umask() -> int:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_path``): a reader, or a run killed mid-write, finds the
+    old file or the whole new one, never a part."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as ``write_bytes``."""
     write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically: the form of ``config.json``, ``results.json``
+    and the caches' facts."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically; a failed write (a full disk) is a ``WriteError``
+    naming ``path``."""
     # Through a Python file object: a failed write raises OSError (ENOSPC), where torch.save
     # to a path raises an opaque RuntimeError from its C++ writer.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -112,6 +119,8 @@ def check_writable(folder: str | os.PathLike) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (someone else's counts as alive): the lock or temporary file of a
+    dead one may be taken over or deleted."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

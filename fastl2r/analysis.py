@@ -94,6 +94,8 @@ def headline(results: dict, baseline: str = "sgd") -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m fastl2r.analysis RUN_DIR``: print the run's headline table; returns the exit status: 2,
+    with one line on stderr, when the run folder cannot be read."""
     parser = argparse.ArgumentParser(prog="python -m fastl2r.analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder holding results.json")
     parser.add_argument("--baseline", default="sgd", help="the method paired differences are taken to (default sgd)")

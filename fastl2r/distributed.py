@@ -48,6 +48,8 @@ class Ranks:
         return out
 
     def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for on one rank): e.g. until rank 0 has made the
+        run folder."""
         if self.world > 1:
             dist.barrier()
 
@@ -84,6 +86,7 @@ def setup(device: Optional[str]) -> tuple[Ranks, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the job's process group, if this process joined one, as the command ends."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -442,6 +442,8 @@ def _check_curriculum(mt: dict) -> None:
 
 
 def get(config: dict, key: str) -> Any:
+    """The value at a dotted ``key`` (``metatrain.lr``) of ``config``, for checks that name the key; every dot
+    separates two parts, so not for a method name holding one (``sgd_x0.1``)."""
     node = config
     for part in key.split("."):
         node = node[part]

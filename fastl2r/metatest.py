@@ -37,10 +37,13 @@ class TaskPair:
 
     @property
     def name(self) -> str:
+        """The trained task's name: the label of its readouts in the logs and ``results.json``."""
         return self.train.name
 
 
 def task_pair(ws: Workspace, spec: dict, classes: Sequence[int], seed: int = 0) -> TaskPair:
+    """The task of ``spec`` with ``classes`` and its readout set (the preset's seeded subset of it, with the
+    readout's steps and lr), as a run uses them."""
     ro = ws.config["readout"]
     return TaskPair(ws.task(spec, classes), ReadoutSet(ws.task(spec, classes, readout=True, seed=seed),
                                                        device=ws.device, steps=ro["steps"], lr=ro["lr"], seed=seed))
@@ -201,6 +204,9 @@ def load_progress(ws: Workspace) -> dict:
 
 
 def summarise(config: dict, curves: dict[str, list[dict]], task_names: list[list[str]]) -> dict:
+    """The ``results.json`` content of the meta-test's curves: per method, kind (readout, original head) and
+    task, the mean and std over runs at every eval step (None before the task starts) and every run's
+    values."""
     steps = eval_steps(config)
     n_tasks = len(task_names[0])
     out = {"experiment": config["experiment"], "suite": config["suite"],

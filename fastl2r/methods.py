@@ -57,10 +57,15 @@ class Learner(abc.ABC):
         return self.model
 
     def head(self, task_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The task's own classifier on its representation, whose accuracy is a readout's ``original`` (§1.5):
+        by default ``model.heads[task_index]``."""
         return self.model.heads[task_index]
 
 
 class Method(abc.ABC):
+    """An update rule compared in the meta-test: prepared once per experiment, then one ``Learner`` per run
+    (see the module docstring)."""
+
     name: ClassVar[str]
     needs_old_data: ClassVar[bool] = False  # the learner's ``step`` gets batches of earlier tasks
 
@@ -69,7 +74,8 @@ class Method(abc.ABC):
         self.options = options
 
     def prepare(self) -> None:
-        """Once per experiment, before the runs."""
+        """Work done once per experiment, before the runs (pre-train a backbone, meta-train, measure); nothing
+        by default."""
 
     def info(self) -> dict:
         """Facts about the method's preparation worth keeping in ``results.json``."""
@@ -93,10 +99,13 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def learner(self, model: nn.Module, run: int) -> Learner:
-        """The learner of one run."""
+        """The ``Learner`` that trains ``model`` (from ``initial_model(run)``) through run ``run``'s new
+        tasks."""
 
 
 def method_class(name: str) -> type[Method]:
+    """The ``Method`` class registered as ``name``, its module imported only now (a method not run costs no
+    import); an unknown name is a UserError."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
     if isinstance(METHODS[name], type):

@@ -34,6 +34,8 @@ SWITCH = {"color": "0.4", "linestyle": ":", "linewidth": 1.2}
 
 
 def save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` atomically (format from the suffix) and close it, so that a run's figures do
+    not pile up in memory; returns ``path``."""
     path = Path(path)
     with _io.atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")

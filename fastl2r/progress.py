@@ -17,6 +17,7 @@ REFRESH_SECONDS = 1.0
 
 
 def clock(seconds: float) -> str:
+    """``seconds`` as ``m:ss`` or ``h:mm:ss``, for the progress line's elapsed time and ETA."""
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -60,26 +61,33 @@ class OverallProgress:
         return left
 
     def show(self) -> None:
+        """Redraw the line: what is under way, the time elapsed and the ETA (a background thread also calls it
+        every second)."""
         eta = self.eta()
         self.bar.set_description_str(f"{self.doing} · elapsed {clock(time.perf_counter() - self.start)} · "
                                      f"ETA {'?' if eta is None else clock(eta)}")
 
     def preparing(self, method: str) -> None:
+        """Show that ``method`` is preparing (pre-training, meta-training): no steps to count, nothing to
+        estimate from."""
         self.doing = f"{method}: preparing"
         self.show()
 
     def begin_run(self, method: str, run: int) -> None:
+        """Run ``run`` of ``method`` starts: one run fewer left, and its steps are timed from now."""
         self.doing = f"{method} run {run + 1}/{self.runs}"
         self.remaining_runs[method] -= 1
         self.current = (method, time.perf_counter(), 0)
         self.show()
 
     def step(self) -> None:
+        """One meta-test step of the current run is done."""
         method, started, steps = self.current
         self.current = (method, started, steps + 1)
         self.bar.update(1)
 
     def end_run(self) -> None:
+        """The current run ended: its seconds per step update its method's mean, which the ETA uses."""
         method, started, steps = self.current
         done = self.runs - self.remaining_runs[method]  # this method's finished runs, this one included
         rate = (time.perf_counter() - started) / max(steps, 1)

@@ -59,6 +59,8 @@ def linear_readout(train_features: torch.Tensor, train_labels: torch.Tensor, tes
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of examples whose largest logit is their label: the accuracy of readouts and original
+    heads alike."""
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
@@ -111,6 +113,9 @@ def _batches(data: ReadoutData, batch_size: int, device: Optional[torch.device])
 
 @dataclass
 class ReadoutResult:
+    """One readout of one task: how much the representation still holds (``readout``) and what the task's own
+    head still gets right (``original``)."""
+
     readout: float              # accuracy of a fresh linear readout
     original: Optional[float]   # accuracy of the task's own head (None if no head given)
 

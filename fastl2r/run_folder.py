@@ -150,4 +150,6 @@ def read_run(folder: Path) -> tuple[dict, dict]:
 
 
 def write_run(folder: Path, config: dict, run: dict) -> None:
+    """Write the run's ``config.json``: the configuration and the run facts (``methods_run``, ``device``,
+    ``threads``, ``plugins``) that ``read_run`` gives back on ``--resume``."""
     _io.write_json(folder / CONFIG, {**config, **run})

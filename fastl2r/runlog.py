@@ -61,7 +61,8 @@ class RunLog:
         self.tensorboard = summary_writer(out_dir / "tensorboard") if tensorboard else None
 
     def episode(self, record: dict) -> None:
-        """A finished meta-training episode (``EpisodeRecord`` fields)."""
+        """Log a finished meta-training episode (``EpisodeRecord``'s fields): a line of ``metatrain.csv`` (by
+        the writer rank) and its values in TensorBoard."""
         if self.out_dir is not None and self.writer:
             append_row(self.out_dir / METATRAIN_CSV, EPISODE_COLUMNS, record)
         if self.tensorboard is not None:

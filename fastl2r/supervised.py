@@ -37,6 +37,8 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def steps_for_epochs(tasks: Sequence[Task], epochs: float, batch_size: int) -> int:
+    """Batches of ``batch_size`` in ``epochs`` passes over the union of ``tasks`` (at least one): pre-training
+    schedules are given in epochs."""
     images = sum(len(t.train_index) for t in tasks)
     return max(1, math.ceil(epochs * images / batch_size))
 

@@ -251,6 +251,8 @@ LONG_CPU_RUN_PASSES = 200_000
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line (``python -m fastl2r.train``, ``fastl2r-train``): check every input, meta-test into
+    the run folder, print the summary; returns the exit status (0; 2 on bad input; 130 on Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     out_dir, started = None, False
     try:
@@ -308,7 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def summary(results: dict) -> str:
-    """Step-0 and final readout accuracy per method and task."""
+    """The lines printed when a run ends: per method and task, the readout accuracy at the task's first
+    readout and at the last step (mean ± std over runs), and how many meta-training episodes ended
+    non-finite."""
     lines = [f"{results['experiment']} ({results['suite']} suite, {results['preset']} preset), "
              f"{results['seconds']} s; readout accuracy % (mean ± std), first → last step"]
     for name, entry in results["methods"].items():

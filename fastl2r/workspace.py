@@ -26,6 +26,8 @@ from .supervised import head_accuracy, steps_for_epochs, train_supervised
 
 
 def spec_key(obj) -> str:
+    """A short, stable hash of the JSON-able ``obj``: the part of a cache file's name that changes with
+    whatever shaped the cached network."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -50,6 +52,7 @@ class Workspace:
 
     # ----- data -----
     def dataset(self, name: str) -> ImageDataset:
+        """Dataset ``name``, loaded (downloaded if allowed) on first use, then kept for the workspace's life."""
         if name not in self._datasets:
             self._datasets[name] = load_dataset(name, self.data_root, download=self.download,
                                                 progress=self.progress)
@@ -82,9 +85,12 @@ class Workspace:
 
     @property
     def source_spec(self) -> dict:
+        """Task A's spec (``tasks.source``): its dataset and fixed classes."""
         return self.config["tasks"]["source"]
 
     def source_task(self, *, readout: bool = False, seed: int = 0) -> Task:
+        """Task A, which ``w0`` is pre-trained on and every run reads out; ``readout`` and ``seed`` as for
+        ``task``."""
         return self.task(self.source_spec, self.source_spec["classes"], readout=readout, seed=seed)
 
     def run_seed(self, run: int) -> int:
@@ -93,6 +99,8 @@ class Workspace:
 
     # ----- networks and the pre-trained w0 -----
     def new_model(self, head_classes: Sequence[int] = ()) -> nn.Module:
+        """A fresh network of the configured architecture for the source dataset's channels, with a head per
+        entry of ``head_classes``, on the workspace's device."""
         channels = self.dataset(self.source_spec["dataset"]).channels
         return build_model(self.config["arch"], channels, head_classes).to(self.device)
 
@@ -110,6 +118,8 @@ class Workspace:
 
     @property
     def cache_dir(self) -> Path:
+        """Where pre-trained networks are cached (``<data root>/checkpoints``), for every run that uses this
+        data root."""
         return self.data_root / "checkpoints"
 
     def cached_path(self, kind: str, index: int, extra: Optional[dict] = None) -> Path:
@@ -176,6 +186,8 @@ class Workspace:
         return self.config["metatest"]["checkpoint"]
 
     def pretrained_model(self, index: Optional[int] = None) -> nn.Module:
+        """A fresh network loaded with ``w0`` (Task A's head included): the meta-test's checkpoint, or
+        pre-trained checkpoint ``index``."""
         state = self.pretrained_state(self.metatest_checkpoint if index is None else index)
         model = self.new_model([self.source_task().num_classes])
         model.load_state_dict(state["model"])

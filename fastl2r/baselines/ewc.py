@@ -111,6 +111,9 @@ class EWCLearner(SGDLearner):
         self.previous_task: Optional[Task] = None
 
     def begin_task(self, task_index: int, task: Task) -> None:
+        """Add the penalty term of the task just finished, anchored at the current weights: Task A's Fisher
+        from ``prepare`` when the first new task begins, else that task's Fisher, computed now on its
+        training images."""
         super().begin_task(task_index, task)
         if task_index == 1:
             fisher = self.first_fisher
@@ -122,13 +125,19 @@ class EWCLearner(SGDLearner):
         self.previous_task = task
 
     def loss(self, new: Batch, old: Optional[Batch]) -> torch.Tensor:
+        """The new task's cross-entropy plus the penalty of every earlier task (``ewc_penalty``)."""
         return super().loss(new, old) + ewc_penalty(self.model, self.penalties, self.lam)
 
 
 class EWC(Method):
+    """The EWC baseline (§1.6): SGD with a quadratic penalty that holds the weights each earlier task's Fisher
+    marks as important."""
+
     name = "ewc"
 
     def prepare(self) -> None:
+        """Compute Task A's Fisher at ``w0`` once per experiment (every run shares it) and note its size,
+        scale and cost for ``info``."""
         ws = self.workspace
         start = time.perf_counter()
         model, task = ws.pretrained_model().to(ws.device), ws.source_task()
@@ -139,9 +148,11 @@ class EWC(Method):
                       "seconds": round(time.perf_counter() - start, 1)}
 
     def info(self) -> dict:
+        """Task A's Fisher facts (samples, mean, max, seconds) for ``results.json``."""
         return {"task_a_fisher": self.facts}
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """An ``EWCLearner`` with Task A's Fisher; the Fishers of later tasks are seeded by the run."""
         o = self.options
         return EWCLearner(model, o["lr"], o["lambda"], self.fisher, o["fisher_samples"],
                           self.workspace.run_seed(run))

@@ -71,6 +71,7 @@ class HATNetwork(nn.Module):
 
     @property
     def heads(self) -> nn.ModuleList:
+        """The backbone's per-task heads, so that a HAT network reads out like any multi-head network."""
         return self.backbone.heads
 
     def _add_embedding(self) -> None:
@@ -95,6 +96,8 @@ class HATNetwork(nn.Module):
         return gate
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The representation of ``x`` with every gated unit scaled by ``gates`` (flat, as ``gates`` returns
+        them); the hooks apply them during this call only."""
         self._split = gates.split(self.units)
         try:
             return self.backbone(x)
@@ -131,9 +134,12 @@ class GatedView(nn.Module):
 
     @property
     def heads(self) -> nn.ModuleList:
+        """``net``'s heads: with them the view is a plain multi-head network for readouts and
+        ``head_accuracy``."""
         return self.net.heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation of ``x`` under the view's fixed gates."""
         return self.net(x, self.gates)
 
 
@@ -181,6 +187,8 @@ class TaskAttention:
         self.steps = 0
 
     def loss(self, batch: Batch, s: float) -> torch.Tensor:
+        """Task ``task``'s cross-entropy under its gates at scale ``s``, plus ``c`` × the sparsity regulariser
+        that keeps units free for later tasks."""
         gates = self.net.gates(self.task, s)
         logits = self.net.heads[self.task](self.net(batch.x, gates))
         return F.cross_entropy(logits, batch.y) + self.c * sparsity(gates, self.used)
@@ -221,6 +229,8 @@ class HATLearner(Learner):
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     def begin_task(self, task_index: int, task: Task) -> None:
+        """Set up the new task's rules (``TaskAttention``: annealing over an epoch of it, the regulariser, the
+        conditioning on earlier tasks' units) and a fresh plain SGD optimizer."""
         super().begin_task(task_index, task)
         o = self.options
         self.attention = TaskAttention(self.model, task_index, s_max=o["s_max"], c=o["c"],
@@ -229,13 +239,19 @@ class HATLearner(Learner):
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr)
 
     def step(self, new: Batch, old: Optional[Batch]) -> None:
+        """One update on the new task's batch under its attention rules (HAT needs no old data: ``old`` is
+        unused)."""
         self.attention.step(new, self.optimizer)
 
     def features(self, task_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Task ``task_index``'s representation: the network under that task's gates at ``s_max``."""
         return GatedView(self.model, self.model.gates(task_index, self.options["s_max"]).detach())
 
 
 class HAT(Method):
+    """The HAT baseline (§1.6): per-task hard attention on the conv channels, from a Task A pre-trained under
+    HAT."""
+
     name = "hat"
 
     def __init__(self, workspace: Workspace, options: dict):
@@ -289,18 +305,24 @@ class HAT(Method):
         return ws.cached_state("hat_w0", index, build, extra=extra)
 
     def prepare(self) -> None:
+        """Pre-train Task A under HAT once per experiment (or load it from the cache) and keep its facts for
+        ``info``."""
         state = self.pretrained_state()
         self.facts = {k: v for k, v in state.items() if k != "model"}
 
     def info(self) -> dict:
+        """The HAT pre-training's facts (steps, time, Task A accuracy, share of units used) for
+        ``results.json``."""
         return {"task_a_pretraining": self.facts}
 
     def initial_model(self, run: int) -> nn.Module:
+        """A HAT network holding the HAT-pre-trained Task A (HAT's own ``w0``), which every run starts from."""
         net = self.network()
         net.load_state_dict(self.pretrained_state()["model"])
         return net
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """A ``HATLearner``; the meta-test's batch size and steps per task set its annealing period."""
         m = self.workspace.config["metatest"]
         return HATLearner(model, self.options["lr"], self.options, m["batch_size"], m["steps_per_task"])
 

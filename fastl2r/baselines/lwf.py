@@ -39,10 +39,14 @@ class LwFLearner(SGDLearner):
         self.reference: Optional[nn.Module] = None
 
     def begin_task(self, task_index: int, task: Task) -> None:
+        """Freeze a copy of the network as it is now: its old heads' outputs are the targets while this task
+        is learned."""
         super().begin_task(task_index, task)
         self.reference = copy.deepcopy(self.model).requires_grad_(False)
 
     def loss(self, new: Batch, old: Optional[Batch]) -> torch.Tensor:
+        """The new task's cross-entropy plus ``alpha`` × the distillation of every old head toward the frozen
+        copy's, on the same batch."""
         h = self.model(new.x)
         loss = F.cross_entropy(self.model.heads[self.task_index](h), new.y)
         with torch.no_grad():
@@ -54,8 +58,11 @@ class LwFLearner(SGDLearner):
 
 
 class LwF(Method):
+    """The LwF baseline (§1.6): keep the old heads' outputs on the new task's images, without old data."""
+
     name = "lwf"
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """An ``LwFLearner`` with this method's ``lr``, ``alpha`` and ``temperature``."""
         o = self.options
         return LwFLearner(model, o["lr"], o["alpha"], o["temperature"])

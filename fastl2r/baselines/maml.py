@@ -55,14 +55,21 @@ def query_loss(backbone: nn.Module, support: Batch, query: Batch, num_classes: i
 
 
 class MAML(SGDFromBackbone):
+    """The MAML baseline (§1.6): a backbone meta-learned so that a linear head adapts in a few SGD steps, then
+    the SGD protocol."""
+
     name = "maml"
     facts_key = "metatrain"
 
     def cache_key(self) -> dict:
+        """The meta-training tasks and every MAML option but the meta-test ``lr``: what the cached backbone
+        depends on beyond ``w0``."""
         return {"meta_train": self.workspace.config["tasks"]["meta_train"],
                 "maml": {k: v for k, v in self.options.items() if k != "lr"}}
 
     def build_backbone(self, index: int) -> dict:
+        """Meta-train the backbone of pre-trained checkpoint ``index`` (see the module docstring); returns it
+        with the iterations, the time and the first and final query losses."""
         ws, o = self.workspace, self.options
         model = ws.pretrained_model(index).to(ws.device)
         params = [p for n, p in model.named_parameters() if not n.startswith("heads.")]

@@ -6,7 +6,8 @@ of each (dataset, image part) the meta-training tasks draw from (Experiment 1: c
 half of their images; the others: the whole pool), each example through its own task's head, as
 ``w0``'s pre-training does for one task.  A joint head over every class would need one task across
 two datasets (CIFAR-10 and CIFAR-100 in the paper suite); multi-head keeps Task A's head as the
-"original" head of the meta-test.  It starts from scratch (the initialisation of ``w0``) and uses
+"original" head of the meta-test.  It starts from scratch, with ``w0``'s seed (its extra heads draw
+before the convolutions are initialised, so its initial backbone is not ``w0``'s), and uses
 ``w0``'s pre-training settings (``pretrain``) for ``methods.rep.epochs`` epochs of the union;
 the meta-test keeps the backbone and Task A's head and drops the meta-training head.  Cached.
 """
@@ -34,13 +35,20 @@ def representation_tasks(workspace: Workspace) -> list[Task]:
 
 
 class Rep(SGDFromBackbone):
+    """The Rep baseline (§1.6): a backbone pre-trained on Task A and the meta-training classes together, then
+    the SGD protocol."""
+
     name = "rep"
     facts_key = "pretraining"
 
     def cache_key(self) -> dict:
+        """The meta-training tasks and ``epochs``: what the cached backbone depends on beyond what shapes
+        ``w0``."""
         return {"meta_train": self.workspace.config["tasks"]["meta_train"], "epochs": self.options["epochs"]}
 
     def build_backbone(self, index: int) -> dict:
+        """Pre-train a fresh network (with the seed of ``w0`` number ``index``) on ``representation_tasks``;
+        returns its backbone with Task A's head, and the tasks, steps, time and test accuracies."""
         ws, o = self.workspace, self.options
         tasks, p = representation_tasks(ws), ws.config["pretrain"]
         seed = ws.config["seed"] * 1000 + index

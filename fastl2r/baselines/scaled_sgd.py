@@ -26,6 +26,9 @@ METALEARNER = "metalearner.pt"
 
 
 class ScaledSGD(Method):
+    """SGD at the learned rule's mean step multiplier: the control that tells a learned rule from a rescaled
+    learning rate (see the module docstring)."""
+
     name = "sgd_mean_delta"
 
     def metalearner_path(self) -> Path:
@@ -39,6 +42,8 @@ class ScaledSGD(Method):
         return path
 
     def prepare(self) -> None:
+        """Measure the learned rule's mean δ on a meta-training task (see the module docstring) and set ``lr``
+        to this method's ``lr`` times it."""
         ws = self.workspace
         meta = load_metalearner(self.metalearner_path(), ws.new_model(), ws.device)
         spec = ws.config["tasks"]["meta_train"][0]

@@ -21,13 +21,16 @@ class SGDLearner(Learner):
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     def begin_task(self, task_index: int, task: Task) -> None:
+        """Start a fresh SGD optimizer over every parameter, the new head included."""
         super().begin_task(task_index, task)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr)
 
     def loss(self, new: Batch, old: Optional[Batch]) -> torch.Tensor:
+        """The new task's cross-entropy through its own head; the baselines built on SGD add their terms here."""
         return F.cross_entropy(self.model.heads[self.task_index](self.model(new.x)), new.y)
 
     def step(self, new: Batch, old: Optional[Batch]) -> None:
+        """One SGD step on ``loss(new, old)``."""
         loss = self.loss(new, old)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -35,9 +38,13 @@ class SGDLearner(Learner):
 
 
 class SGD(Method):
+    """The SGD baseline (§1.6): plain SGD at ``methods.sgd.lr``, what the headline comparison measures the
+    others against."""
+
     name = "sgd"
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """An ``SGDLearner`` at this method's ``lr``."""
         return SGDLearner(model, self.options["lr"])
 
 
@@ -62,20 +69,27 @@ class SGDFromBackbone(Method):
         """What shapes the backbone besides what shapes ``w0`` (the cache key's ``extra``)."""
 
     def backbone_state(self) -> dict:
+        """The backbone prepared from the meta-test's checkpoint (``model`` and the facts), built once, then
+        read from the disk cache."""
         index = self.workspace.metatest_checkpoint
         return self.workspace.cached_state(self.name, index, lambda: self.build_backbone(index),
                                             extra=self.cache_key())
 
     def prepare(self) -> None:
+        """Build (or load from the cache) the backbone once per experiment, keeping its facts for ``info``."""
         self.facts = {k: v for k, v in self.backbone_state().items() if k != "model"}
 
     def info(self) -> dict:
+        """The backbone's facts under ``facts_key``, for ``results.json``."""
         return {self.facts_key: self.facts}
 
     def initial_model(self, run: int) -> nn.Module:
+        """A fresh network with Task A's head, loaded with the prepared backbone: where every run starts
+        instead of ``w0``."""
         model = self.workspace.new_model([self.workspace.source_task().num_classes])
         model.load_state_dict(self.backbone_state()["model"])
         return model
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """Plain SGD at this method's ``lr``: the meta-test's SGD protocol."""
         return SGDLearner(model, self.options["lr"])

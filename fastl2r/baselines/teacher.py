@@ -16,13 +16,19 @@ class TeacherLearner(SGDLearner):
     """SGD on ``x_a ∪ x_b``, each example through its own task's head."""
 
     def loss(self, new: Batch, old: Optional[Batch]) -> torch.Tensor:
+        """Multi-task cross-entropy over the old tasks' batch and the new task's, each example through its own
+        task's head."""
         batch = join(old, new, task_offset_b=self.task_index)
         return multitask_loss(self.model.heads, self.model(batch.x), batch.y, batch.task)
 
 
 class Teacher(Method):
+    """The multi-task teacher as a method (§1.6): what the student imitates, trained on old and new data
+    together."""
+
     name = "teacher"
     needs_old_data = True
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """A ``TeacherLearner`` at this method's ``lr``."""
         return TeacherLearner(model, self.options["lr"])

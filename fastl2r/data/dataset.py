@@ -49,10 +49,12 @@ class ImageDataset:
 
     @property
     def channels(self) -> int:
+        """Channels per image (1 for Fashion-MNIST, 3 for CIFAR): what a network's first layer is built for."""
         return self.train_images.shape[1]
 
     @property
     def num_classes(self) -> int:
+        """How many classes the dataset has: valid class ids are ``0 .. num_classes - 1``."""
         return len(self.classes)
 
     def fingerprint(self) -> str:

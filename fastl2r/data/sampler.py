@@ -210,9 +210,11 @@ class TaskSampler:
 
     @property
     def batch_size(self) -> int:
+        """Images per batch, as the sampler was built."""
         return self._sampler.batch_size
 
     def sample(self) -> Batch:
+        """The next batch, ``x [B, C, H, W]`` augmented: the k-th call gives batch k of the seed's sequence."""
         batch = self._sampler.sample(self._set, self._key, self._counter)
         self._counter += 1
         return Batch(batch.x[0], batch.y[0], batch.task[0])

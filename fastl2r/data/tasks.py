@@ -28,6 +28,7 @@ class Task:
 
     @property
     def num_classes(self) -> int:
+        """Classes in the task: the width of its head."""
         return len(self.classes)
 
     def _local_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -36,15 +37,19 @@ class Task:
         return lookup[labels]
 
     def train_images(self) -> torch.Tensor:
+        """The task's training images, uint8 ``[N, C, H, W]``, in dataset order."""
         return self.dataset.train_images[self.train_index]
 
     def train_labels(self) -> torch.Tensor:
+        """The task-local labels (0 .. k-1) of ``train_images()``: what the task's head is trained on."""
         return self._local_labels(self.dataset.train_labels[self.train_index])
 
     def test_images(self) -> torch.Tensor:
+        """The task's test images, uint8 ``[N, C, H, W]``, in dataset order."""
         return self.dataset.test_images[self.test_index]
 
     def test_labels(self) -> torch.Tensor:
+        """The task-local labels of ``test_images()``."""
         return self._local_labels(self.dataset.test_labels[self.test_index])
 
     def __repr__(self) -> str:

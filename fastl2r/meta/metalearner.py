@@ -37,6 +37,9 @@ TAPPED_TYPES = (nn.Conv2d, nn.GroupNorm, nn.Linear)
 
 @dataclass(frozen=True)
 class TappedLayer:
+    """A layer whose input and output channel means feed the meta-nets, and where those means sit in the flat
+    means of one slot."""
+
     name: str
     in_channels: int
     out_channels: int
@@ -53,6 +56,8 @@ def _channels(module: nn.Module) -> tuple[int, int]:
 
 
 def is_head(name: str, head_prefix: str) -> bool:
+    """Whether the parameter or module ``name`` belongs to the heads (``head_prefix`` or below it), which get
+    plain SGD, never a meta-net or a tap."""
     return name == head_prefix or name.startswith(head_prefix + ".")
 
 
@@ -125,6 +130,7 @@ class ActivationTaps:
         self._activations[:] = [None] * len(self._activations)
 
     def remove(self) -> None:
+        """Take the hooks off the model, so that it stops recording (``LearnedOptimizer.close``)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -146,6 +152,8 @@ class MetaTensor:
 
     @property
     def rows(self) -> int:
+        """The tensor's rows (its first dim: conv output channels, GroupNorm channels), which share its
+        meta-net."""
         return self.shape[0]
 
 
@@ -159,6 +167,8 @@ class MetaGroup:
 
     @property
     def rows(self) -> tuple[int, ...]:
+        """Each tensor's rows for one slot, in order: how the ops split the group's stacked rows among the
+        tensors' meta-nets."""
         return tuple(t.rows for t in self.tensors)
 
     def row_index(self, slots: int = 1) -> torch.Tensor:
@@ -265,6 +275,7 @@ class MetaLearner(nn.Module):
     # ----- the student's weights in grouped form -----
     @property
     def meta_tensors(self) -> list[MetaTensor]:
+        """Every gated tensor, group by group: the order of the grouped (``flatten``) form and of ``layout``."""
         return [t for group in self.groups for t in group.tensors]
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -306,6 +317,7 @@ class MetaLearner(nn.Module):
                          [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
 
     def theta(self) -> Theta:
+        """The live meta-parameters θ, for a step that needs no ``snapshot``."""
         return Theta(list(self.lstm), list(self.head))
 
     def snapshot(self) -> Theta:

@@ -73,6 +73,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.last_deltas: list[torch.Tensor] = []  # per meta group, δ of the last step ([rows, K])
 
     def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer``'s (e.g. for a new task's head), but only the model's own parameters
+        are accepted, and one warning lists those without a meta-net when any of them is not a head."""
         super().add_param_group(param_group)
         self.names = {p: n for n, p in self.model.named_parameters()}  # the model may have grown (a new head)
         foreign = [p for p in self.param_groups[-1]["params"] if p not in self.names]
@@ -169,7 +171,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     self.state[p] = {"h": h_t, "c": c_t}
 
     def close(self) -> None:
-        """Remove the hooks from the model."""
+        """Remove the activation hooks from the model, which would otherwise go on recording (and holding) its
+        forward passes' activations."""
         self.taps.remove()
 
 

@@ -28,10 +28,14 @@ class OursLearner(Learner):
         self.deltas = deltas
 
     def begin_task(self, task_index: int, task: Task) -> None:
+        """Add the new task's head to the optimizer (plain SGD); the meta-nets' LSTM states go on across
+        tasks."""
         super().begin_task(task_index, task)
         self.optimizer.add_param_group({"params": self.model.heads[task_index].parameters()})
 
     def step(self, new: Batch, old: Optional[Batch]) -> None:
+        """One learned update on the new task's cross-entropy (no teacher, no old data); every
+        ``record_every`` steps, a sample of δ is kept."""
         loss = F.cross_entropy(self.model.heads[self.task_index](self.model(new.x)), new.y)
         self.optimizer.zero_grad()
         loss.backward()
@@ -59,9 +63,14 @@ def delta_kind(name: str, kind: str, rows: int) -> str:
 
 
 class Ours(Method):
+    """The paper's method at meta-test (§1.6): the meta-learner, meta-trained here or loaded, updates the
+    student alone."""
+
     name = "ours"
 
     def prepare(self) -> None:
+        """Load the meta-learner of ``methods.ours.metalearner``, else meta-train one (resuming the run
+        folder's checkpoint, if any); then freeze it for the runs."""
         ws = self.workspace
         path = self.options.get("metalearner") or ""
         model = ws.new_model()
@@ -83,15 +92,21 @@ class Ours(Method):
         self.deltas: dict[str, list[torch.Tensor]] = {}
 
     def state_dict(self) -> dict:
+        """The δ samples recorded so far (Figure 7), kept with the meta-test's progress."""
         return {"deltas": self.deltas}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take back the δ samples of an interrupted meta-test."""
         self.deltas = state["deltas"]
 
     def info(self) -> dict:
+        """Meta-training's facts (episodes, inner steps, non-finite episodes, time, speed) when this run
+        meta-trained; nothing for a loaded meta-learner."""
         return {"metatrain": self.training} if self.training else {}
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """The meta-training figure (Figure 6, when this run meta-trained) and the δ histogram (Figure 7, from
+        run 0); returns their paths."""
         from ..plots import figure_delta_histogram, figure_metatraining, save
 
         paths = []
@@ -103,5 +118,7 @@ class Ours(Method):
         return paths
 
     def learner(self, model: nn.Module, run: int) -> Learner:
+        """An ``OursLearner`` on the frozen meta-learner; run 0 also samples δ every ``eval_every`` steps for
+        Figure 7."""
         every = self.workspace.config["metatest"]["eval_every"] if run == 0 else 0
         return OursLearner(model, self.meta, self.deltas if every else None, every)

@@ -46,6 +46,8 @@ AUTO_SLOTS = {"cpu": 1, "cuda": 16}
 
 @dataclass
 class EpisodeRecord:
+    """One finished meta-training episode, as ``metatrain.csv``, the progress history and Figure 6 keep it."""
+
     episode: int
     steps: int            # inner steps run
     final_loss: float
@@ -59,6 +61,9 @@ class EpisodeRecord:
 
 @dataclass
 class TrainerProgress:
+    """Meta-training's counters and history so far, saved in each checkpoint (and ``metatrain.json``) so that
+    a resumed run counts on."""
+
     episode: int = 0          # episodes finished
     started: int = 0          # episodes started
     inner_steps: int = 0      # steps of running episodes (slot-steps)
@@ -92,7 +97,8 @@ class MaskedAdam:
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], apply: torch.Tensor) -> None:
-        """Every state tensor is updated in place, so a captured step replays on the same memory."""
+        """One Adam step of ``params`` by ``grads`` where the device flag ``apply`` holds, none otherwise;
+        every state tensor is updated in place, so a captured step replays on the same memory."""
         beta1, beta2 = self.betas
         self.count.add_(apply.to(self.count.dtype))
         step_size = self.lr / (1 - beta1 ** self.count)
@@ -105,9 +111,11 @@ class MaskedAdam:
                 old.copy_(torch.where(apply, new, old))
 
     def state_dict(self) -> dict:
+        """The moments and the step count (the live tensors) for the meta-training checkpoint."""
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
+        """Copy saved moments and step count into the existing tensors, in place (see ``step``)."""
         for mine, saved in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
             for t, s in zip(mine, saved):
                 t.copy_(s)
@@ -180,6 +188,8 @@ class MetaTrainer:
 
     # ----- episodes -----
     def episode_seed(self, episode: int) -> int:
+        """Episode ``episode``'s seed (its classes, ``w0`` checkpoint, heads and batches): a function of the
+        run's seed and the episode alone, whichever slot or rank runs it."""
         return (self.config["seed"] * 1_000_003 + episode) % (2 ** 31)
 
     def _checkpoint_pool(self) -> dict:
@@ -420,6 +430,8 @@ class MetaTrainer:
         self._saved_windows = self.progress.windows
 
     def save(self) -> None:
+        """Write the checkpoint into the run folder (rank 0, if there is a folder); every rank calls it, since
+        it gathers their slots."""
         state = self.state_dict()
         if self.run_dir is not None and state is not None:
             _io.torch_save(state, self.run_dir / CHECKPOINT)
@@ -494,6 +506,8 @@ class MetaTrainer:
                 and p.nonfinite > self.mt["max_nonfinite_fraction"] * p.episode)
 
     def nonfinite_message(self) -> str:
+        """The one-line error that stops a meta-training with too many non-finite episodes, naming the
+        learning rates to lower."""
         p, mt = self.progress, self.mt
         return (f"meta-training stopped: {p.nonfinite} of {p.episode} finished episodes ended with a non-finite "
                 f"loss (more than metatrain.max_nonfinite_fraction={mt['max_nonfinite_fraction']:g}); a learning "

@@ -67,6 +67,7 @@ class SlotState:
 
     @property
     def slots(self) -> int:
+        """S, the number of slots (episodes) the state holds."""
         return self.key.shape[0]
 
     def split(self, group_rows: Sequence[Sequence[int]]) -> list["SlotState"]:
@@ -164,6 +165,7 @@ class SlotState:
 
     @staticmethod
     def from_tensors(tree: dict) -> "SlotState":
+        """The state that ``tensors()`` gave as plain dicts and lists (a checkpoint's slot)."""
         tree = dict(tree)
         tree["lstm"] = MetaState(tree["lstm"]["h"], tree["lstm"]["c"])
         for name in ("old_sets", "new_sets"):

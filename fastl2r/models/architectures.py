@@ -16,6 +16,7 @@ BUILT_IN_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def check_arch(arch: str) -> None:
+    """Fail early, listing the choices, when ``arch`` names no built-in or registered architecture."""
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHITECTURES)} (or register your own "
                         "with fastl2r.register_architecture, e.g. in a --plugin module)")

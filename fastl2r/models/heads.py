@@ -30,6 +30,7 @@ class MultiHead(nn.Module):
         return len(self.heads) - 1
 
     def logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Task ``task``'s logits for ``x``: the representation through that task's head."""
         return self.heads[task](self(x))
 
 
@@ -46,8 +47,11 @@ class MultiHeadNet(MultiHead):
             self.add_head(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation ``[N, representation_dim]``: the backbone's output, unchanged."""
         return self.backbone(x)
 
     @property
     def arch_name(self) -> str:
+        """The backbone's class name: how messages (e.g. a meta-learner trained for another network) name this
+        architecture."""
         return type(self.backbone).__name__

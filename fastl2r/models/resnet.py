@@ -38,6 +38,8 @@ class SlotConv2d(nn.Conv2d):
     """``nn.Conv2d`` that also runs S folded slots, as a convolution of S groups."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` ``[N, S·C_in, H, W]`` as S independent networks (S read from its channels); S = 1 is
+        ``nn.Conv2d``."""
         slots = slots_of(x, self.in_channels)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, slots)
 
@@ -46,15 +48,21 @@ class SlotGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that also runs S folded slots (S times the groups, γ and β ``[S·C]``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` ``[N, S·C, ...]`` with S times the groups, so that no group straddles two slots;
+        S = 1 is ``nn.GroupNorm``."""
         slots = slots_of(x, self.num_channels)
         return F.group_norm(x, self.num_groups * slots, self.weight, self.bias, self.eps)
 
 
 def group_norm(channels: int) -> SlotGroupNorm:
+    """The family's GroupNorm over ``channels``: groups of 4 channels (§1.1), slot-aware."""
     return SlotGroupNorm(channels // CHANNELS_PER_GROUP, channels)
 
 
 class BasicBlock(nn.Module):
+    """He et al.'s residual block (two 3×3 convs) with GroupNorm and a parameter-free shortcut, slot-aware
+    (§1.1)."""
+
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.conv1 = SlotConv2d(in_channels, out_channels, 3, stride, 1, bias=False)
@@ -66,6 +74,8 @@ class BasicBlock(nn.Module):
         self.extra_channels = out_channels - in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(gn2(conv2(relu(gn1(conv1(x))))) + shortcut)``, the shortcut subsampled by the stride and
+        zero-padded to the new width within each slot."""
         out = F.relu(self.gn1(self.conv1(x)))
         out = self.gn2(self.conv2(out))
         shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
@@ -110,18 +120,22 @@ class ResNetGN(MultiHead):
 
     @property
     def depth(self) -> int:
+        """Layers as He et al. count them (6n + 2): the number in the architecture's name."""
         return 6 * self.blocks_per_stage + 2
 
     @property
     def arch_name(self) -> str:
+        """``resnet<depth>_gn``: this network's name in ``ARCHITECTURES`` and in messages."""
         return f"resnet{self.depth}_gn"
 
 
 def resnet32_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
+    """The paper's network (n = 5 blocks per stage, §1.1), for Experiments 1–4."""
     return ResNetGN(5, in_channels, head_classes)
 
 
 def resnet14_gn(in_channels: int = 3, head_classes: Sequence[int] = ()) -> ResNetGN:
+    """The paper's smaller network (n = 2), for Experiment 5."""
     return ResNetGN(2, in_channels, head_classes)
 
 

@@ -37,11 +37,15 @@ __all__ = [
 
 # ----- backends -----
 class BackendError(RuntimeError):
-    """A requested backend cannot run here."""
+    """The ops cannot run as asked: the forced backend is unknown or cannot run here, or no backend can run on
+    the device."""
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One way to run the ops (an entry of ``BACKENDS``): how to load its module, the device types it serves
+    and why it cannot run here."""
+
     name: str
     load: Callable[[], ModuleType]                # the module with channel_means, meta_lstm, gated_update
     devices: tuple[str, ...]                      # device types it can run on

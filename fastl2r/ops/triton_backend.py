@@ -7,7 +7,7 @@ an opaque custom op (``fastl2r.kernels.define_op``).  The forward ops also retur
 backward reads (meta-LSTM gates and scales); this module hands back only the reference's
 outputs.  An unused output's cotangent reaches the backward kernels as None (skipped), as in
 the C++ backend.  On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
-see ``registry``): slow, for tests.
+see ``fastl2r.ops``): slow, for tests.
 """
 from __future__ import annotations
 
