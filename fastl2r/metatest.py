@@ -149,6 +149,7 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
             tasks = None
             for method in instances:
                 if run in progress["curves"].get(method.name, {}):
+                    overall.skip(method.name)
                     continue
                 tasks = tasks or run_tasks(ws, run)
                 overall.begin_run(method.name, run)
@@ -160,6 +161,9 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
         for rank_run, rank_finished, rank_names in ranks.all_gather((run, finished, names if run < runs else None)):
             if rank_finished:
                 _keep(ws, progress, instances, rank_finished, rank_run, None, rank_names)
+                if rank_run != run:
+                    for name in rank_finished:
+                        overall.skip(name)
     if not ranks.writer:
         return None
     curves = {name: [progress["curves"][name][run] for run in range(runs)] for name in methods}

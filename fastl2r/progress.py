@@ -80,6 +80,11 @@ class OverallProgress:
         self.current = (method, time.perf_counter(), 0)
         self.show()
 
+    def skip(self, method: str) -> None:
+        """A run of ``method`` done elsewhere (before a resume, or by another rank): off the count."""
+        self.remaining_runs[method] -= 1
+        self.bar.update(self.steps_per_run)
+
     def step(self) -> None:
         """One meta-test step of the current run is done."""
         method, started, steps = self.current
