@@ -297,7 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         kept = f"; the run so far is kept: continue it with --resume {out_dir}" if started and isinstance(
             exc, WriteError) else ""
-        print(f"error: {exc}{kept}", file=sys.stderr)
+        # one write of the whole line: torchrun's ranks share stderr, and a separate newline interleaves
+        sys.stderr.write(f"error: {exc}{kept}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         close_bars()  # those the interrupt left open: nothing prints after the last line
