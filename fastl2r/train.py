@@ -68,10 +68,12 @@ def build_parser(experiment: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("experiment", nargs="?", metavar=_one_of(EXPERIMENTS), help="the experiment (Table 1 of the paper)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (torch {torch.__version__})")
     p.add_argument("--suite", default="paper", metavar=_one_of(TASKS),
-                   help="paper (CIFAR-10/100, Tiny-ImageNet), fmnist (Fashion-MNIST, offline) or a registered "
-                        "dataset's; default paper")
+                   help="paper (CIFAR-10/100, Tiny-ImageNet), fmnist (Fashion-MNIST, offline), fmnist_inverted "
+                        "(exp1 only: the Fashion-MNIST tops, then the other classes inverted; a testbed where SGD "
+                        "forgets) or a registered dataset's; default paper")
     p.add_argument("--preset", default="paper", metavar=_one_of(PRESETS),
-                   help="paper (full size, needs a GPU), quick (scaled down) or smoke (a few minutes); default paper")
+                   help="paper (full size, needs a GPU), quick (scaled down), smoke (a few minutes) or cpu "
+                        "(fmnist_inverted's exp1 on two CPU cores); default paper")
     p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default: all)")
     p.add_argument("--arch", default=None, metavar=_one_of(ARCHITECTURES),
                    help="the network (default: the experiment's; same as --set arch=\"NAME\")")

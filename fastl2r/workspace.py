@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from . import _io
-from .data import BUILT_IN_DATASETS, ImageDataset, Task, load_dataset, make_task, resolve_data_root
+from .data import (BUILT_IN_DATASETS, NO_TRANSFORM, ImageDataset, Task, load_dataset, make_task, resolve_data_root,
+                   transform_dataset)
 from .distributed import SINGLE, Ranks
 from .errors import UserError
 from .models import BUILT_IN_ARCHITECTURES, build_model
@@ -47,21 +48,26 @@ class Workspace:
         self.progress = progress and ranks.writer
         self.download = download
         self.log = RunLog(self.out_dir, tensorboard and ranks.writer, writer=ranks.writer)
-        self._datasets: dict[str, ImageDataset] = {}
+        self._datasets: dict[tuple[str, str], ImageDataset] = {}
         self._states: dict[Path, dict] = {}
 
     # ----- data -----
-    def dataset(self, name: str) -> ImageDataset:
-        """Dataset ``name``, loaded (downloaded if allowed) on first use, then kept for the workspace's life."""
-        if name not in self._datasets:
-            self._datasets[name] = load_dataset(name, self.data_root, download=self.download,
-                                                progress=self.progress)
-        return self._datasets[name]
+    def dataset(self, name: str, transform: str = NO_TRANSFORM) -> ImageDataset:
+        """Dataset ``name``, loaded (downloaded if allowed) on first use, then kept for the workspace's life,
+        with ``transform`` (``fastl2r.data.TRANSFORMS``) applied to its images."""
+        if (name, NO_TRANSFORM) not in self._datasets:
+            self._datasets[name, NO_TRANSFORM] = load_dataset(name, self.data_root, download=self.download,
+                                                              progress=self.progress)
+        if (name, transform) not in self._datasets:
+            self._datasets[name, transform] = transform_dataset(self._datasets[name, NO_TRANSFORM], transform)
+        return self._datasets[name, transform]
 
     def task(self, spec: dict, classes: Sequence[int], *, readout: bool = False, seed: int = 0) -> Task:
-        """The task of ``spec``'s dataset with ``classes``; ``readout`` applies the preset's subset sizes."""
+        """The task of ``spec``'s dataset with ``classes``, its images shifted by the spec's ``transform`` if it
+        has one; ``readout`` applies the preset's subset sizes."""
         ro = self.config["readout"]
-        return make_task(self.dataset(spec["dataset"]), tuple(classes), train_part=spec["train_part"],
+        dataset = self.dataset(spec["dataset"], spec.get("transform", NO_TRANSFORM))
+        return make_task(dataset, tuple(classes), train_part=spec["train_part"],
                          max_train=(ro["max_train"] or None) if readout else None,
                          max_test=(ro["max_test"] or None) if readout else None, seed=seed)
 

@@ -1,15 +1,16 @@
 """Rep (DESIGN §1.6): a backbone pre-trained with cross-entropy on Task A and the meta-training
 classes together, then the SGD protocol from it.
 
-The pre-training is multi-head (ours): one head for Task A, one over all meta-training classes
-of each (dataset, image part) the meta-training tasks draw from (Experiment 1: classes 5–9, first
-half of their images; the others: the whole pool), each example through its own task's head, as
-``w0``'s pre-training does for one task.  A joint head over every class would need one task across
-two datasets (CIFAR-10 and CIFAR-100 in the paper suite); multi-head keeps Task A's head as the
-"original" head of the meta-test.  It starts from scratch, with ``w0``'s seed (its extra heads draw
-before the convolutions are initialised, so its initial backbone is not ``w0``'s), and uses
-``w0``'s pre-training settings (``pretrain``) for ``methods.rep.epochs`` epochs of the union;
-the meta-test keeps the backbone and Task A's head and drops the meta-training head.  Cached.
+The pre-training is multi-head (ours): one head for Task A, one over all meta-training classes of
+each (dataset, image part, transform) the meta-training tasks draw from (Experiment 1: classes
+5–9, first half of their images; the others: the whole pool), each example through its own task's
+head, as ``w0``'s pre-training does for one task. A joint head over every class would need one
+task across two datasets (CIFAR-10 and CIFAR-100 in the paper suite); multi-head keeps Task A's
+head as the "original" head of the meta-test. It starts from scratch, with ``w0``'s seed (its
+extra heads draw before the convolutions are initialised, so its initial backbone is not
+``w0``'s), and uses ``w0``'s pre-training settings (``pretrain``) for ``methods.rep.epochs``
+epochs of the union; the meta-test keeps the backbone and Task A's head and drops the
+meta-training head. Cached.
 """
 from __future__ import annotations
 
@@ -17,21 +18,22 @@ import time
 
 import torch
 
-from ..data import Task
+from ..data import NO_TRANSFORM, Task
 from ..supervised import head_accuracy, steps_for_epochs, train_supervised
 from ..workspace import Workspace
 from .sgd import SGDFromBackbone
 
 
 def representation_tasks(workspace: Workspace) -> list[Task]:
-    """Task A, then one task per (dataset, image part) holding every meta-training class."""
-    pools: dict[tuple[str, str], set[int]] = {}
+    """Task A, then one task per (dataset, image part, transform) holding every meta-training class."""
+    pools: dict[tuple[str, str, str], set[int]] = {}
     for spec in workspace.config["tasks"]["meta_train"]:
         classes = spec["classes"] if "classes" in spec else spec["pool"]
-        pools.setdefault((spec["dataset"], spec["train_part"]), set()).update(classes)
+        images = (spec["dataset"], spec["train_part"], spec.get("transform", NO_TRANSFORM))
+        pools.setdefault(images, set()).update(classes)
     return [workspace.source_task()] + [
-        workspace.task({"dataset": dataset, "train_part": part}, sorted(classes))
-        for (dataset, part), classes in pools.items()]
+        workspace.task({"dataset": dataset, "train_part": part, "transform": transform}, sorted(classes))
+        for (dataset, part, transform), classes in pools.items()]
 
 
 class Rep(SGDFromBackbone):
