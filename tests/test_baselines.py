@@ -310,6 +310,15 @@ def test_rep_trains_on_task_a_and_the_meta_training_classes_only(tmp_path, exper
             assert not set(test_task.train.classes) & (set(source) | set(meta_train))
 
 
+def test_rep_pretrains_on_the_shifted_images_of_a_shifted_suite(tmp_path):
+    exp = Workspace(build_config("exp1", "fmnist_inverted", "smoke"), data_root=tmp_path, progress=False)
+    source, meta_train = representation_tasks(exp)
+    assert source.name == "fashion_mnist[0,2,3,4,6]"
+    assert meta_train.name == "fashion_mnist+invert[1,5,7,8,9](first half)"
+    plain = exp.task({"dataset": "fashion_mnist", "train_part": "first_half"}, (1, 5, 7, 8, 9))
+    assert torch.equal(meta_train.train_images(), 255 - plain.train_images())
+
+
 def test_rep_pretraining_sees_exactly_those_tasks(tmp_path, monkeypatch):
     import fastl2r.baselines.rep as rep
 

@@ -8,6 +8,7 @@ archives were built from.
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
 import socket
 import tarfile
@@ -21,7 +22,7 @@ from datafixtures import (GRAY, build_cifar10, build_cifar100, build_tiny_imagen
                           remote_matching, serve)
 
 from fastl2r.data import (FILES, MIRROR_ENV, ImageDataset, Task, TaskSampler, channel_stats, load_dataset,
-                          make_task, resolve_data_root, to_float)
+                          make_task, resolve_data_root, to_float, transform_dataset)
 from fastl2r.data import loaders
 from fastl2r.errors import UserError
 
@@ -534,3 +535,58 @@ def test_channel_stats_match_numpy():
     pixels = data.train_images.numpy().transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
     np.testing.assert_allclose(mean, pixels.mean(1), rtol=1e-9)
     np.testing.assert_allclose(std, pixels.std(1), rtol=1e-9)
+
+
+# --- transforms (domain shifts) ------------------------------------------------------------------
+
+def one_image_dataset(pixels: list[list[int]]) -> ImageDataset:
+    """A dataset whose single train and test image holds ``pixels`` in its top-left corner, zeros elsewhere."""
+    image = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    image[0, 0, :len(pixels), :len(pixels[0])] = torch.tensor(pixels, dtype=torch.uint8)
+    labels = torch.zeros(1, dtype=torch.int64)
+    return ImageDataset("one", image, labels, image.clone(), labels.clone(), ("c",),
+                        mean=(0.5,), std=(0.25,), flip=True)
+
+
+def test_invert_is_255_minus_each_pixel_with_its_own_statistics():
+    data = one_image_dataset([[0, 10, 255]])
+    inverted = transform_dataset(data, "invert")
+    assert inverted.name == "one+invert" and inverted.flip and inverted.classes == ("c",)
+    assert inverted.train_images[0, 0, 0, :4].tolist() == [255, 245, 0, 255]
+    assert torch.equal(inverted.test_images, inverted.train_images)
+    assert torch.equal(inverted.train_labels, data.train_labels)
+    # the original has 1022 zeros, one 10 and one 255; the inverted image 1022 × 255, one 245, one 0
+    mean = (1022 * 255 + 245) / 1024 / 255
+    assert inverted.mean[0] == pytest.approx(mean, abs=1e-12)
+    var = (1022 * (1 - mean) ** 2 + (245 / 255 - mean) ** 2 + mean ** 2) / 1024
+    assert inverted.std[0] == pytest.approx(math.sqrt(var), abs=1e-12)
+    assert transform_dataset(data, "none") is data
+
+
+def test_inverted_images_normalise_to_the_negatives_of_the_originals(digits):
+    inverted = transform_dataset(digits, "invert")
+    assert torch.equal(inverted.train_images, 255 - digits.train_images)
+    assert torch.equal(inverted.test_images, 255 - digits.test_images)
+    assert inverted.mean[0] == pytest.approx(1 - digits.mean[0], abs=1e-12)
+    assert inverted.std[0] == pytest.approx(digits.std[0], abs=1e-12)
+    torch.testing.assert_close(to_float(inverted.test_images, inverted), -to_float(digits.test_images, digits),
+                               atol=1e-5, rtol=0)
+
+
+def test_rot90_is_a_counter_clockwise_quarter_turn():
+    data = one_image_dataset([[0, 0, 7], [0, 0, 0], [9, 0, 0]])   # 7 at row 0, col 2; 9 at row 2, col 0
+    turned = transform_dataset(data, "rot90").train_images[0, 0]
+    assert turned[29, 0] == 7 and turned[31, 2] == 9 and int(turned.count_nonzero()) == 2
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 2, 32, 32), dtype=torch.uint8, generator=g)
+    shifted = transform_dataset(ImageDataset("r", images, torch.zeros(3, dtype=torch.int64), images,
+                                             torch.zeros(3, dtype=torch.int64), ("c",), (0.5, 0.5), (0.2, 0.2),
+                                             False), "rot90")
+    expected = np.stack([[np.array([[image[c, j, 31 - i] for j in range(32)] for i in range(32)])
+                          for c in range(2)] for image in images.numpy()])
+    assert np.array_equal(shifted.train_images.numpy(), expected) and not shifted.flip
+
+
+def test_unknown_transform_lists_the_valid_ones(digits):
+    with pytest.raises(UserError, match="unknown transform 'blur'; choose one of: none, invert, rot90"):
+        transform_dataset(digits, "blur")
