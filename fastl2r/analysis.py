@@ -2,9 +2,11 @@
 task's readout at the horizon, and their paired differences to a baseline with 95% confidence
 intervals (runs are paired: every method of a run sees the same tasks, seeds and batches).
 
-    python -m fastl2r.analysis RUN_DIR [--baseline sgd]
+    python -m fastl2r.analysis RUN_DIR [RUN_DIR ...] [--baseline sgd]
 
-prints the table as Markdown (numbers in readout-accuracy points).
+prints the table as Markdown (numbers in readout-accuracy points).  Several run folders of one
+configuration (e.g. the baselines run while ``ours`` meta-trained, and ``ours`` with the trained
+meta-learner) make one table: their runs are the same runs, so they pair as well.
 """
 from __future__ import annotations
 
@@ -93,19 +95,51 @@ def headline(results: dict, baseline: str = "sgd") -> str:
     return "\n".join(lines)
 
 
+# what may differ between run folders whose runs pair: the methods run, and meta-training (which only
+# ``ours`` and the controls that read its meta-learner depend on)
+MAY_DIFFER = ("methods", "metatrain")
+
+
+def merged(runs: Sequence[tuple[str, dict, dict]]) -> dict:
+    """One results dict from ``(run folder, config, results)`` of the same configuration (up to
+    ``MAY_DIFFER``) and the same tasks in every run; a method in two folders is refused."""
+    (first_dir, first_config, out), *others = runs
+    out = {**out, "methods": dict(out["methods"])}
+    for run_dir, config, results in others:
+        for key in sorted(set(config) | set(first_config)):
+            if key not in MAY_DIFFER and config.get(key) != first_config.get(key):
+                raise UserError(f"{run_dir} and {first_dir} differ in {key!r}: their runs do not pair; "
+                                "pass run folders of one configuration")
+        if results["task_names"] != out["task_names"] or results["eval_steps"] != out["eval_steps"]:
+            raise UserError(f"{run_dir} and {first_dir} ran other tasks or read them at other steps; "
+                            "pass run folders of one configuration")
+        for name, entry in results["methods"].items():
+            if name in out["methods"]:
+                raise UserError(f"method {name!r} is in {run_dir} and in an earlier folder; pass it once")
+            out["methods"][name] = entry
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m fastl2r.analysis RUN_DIR``: print the run's headline table; returns the exit status: 2,
-    with one line on stderr, when the run folder cannot be read."""
+    """``python -m fastl2r.analysis RUN_DIR [RUN_DIR ...]``: print the headline table of the runs; returns
+    the exit status: 2, with one line on stderr, when a run folder cannot be read or they do not pair."""
     parser = argparse.ArgumentParser(prog="python -m fastl2r.analysis", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a run folder holding results.json")
+    parser.add_argument("run_dir", nargs="+", help="a run folder holding results.json (several: of one configuration)")
     parser.add_argument("--baseline", default="sgd", help="the method paired differences are taken to (default sgd)")
     args = parser.parse_args(argv)
-    path = Path(args.run_dir) / "results.json"
+    runs = []
+    for run_dir in args.run_dir:
+        try:
+            results = json.loads((Path(run_dir) / "results.json").read_text())
+            config = json.loads((Path(run_dir) / "config.json").read_text()) if len(args.run_dir) > 1 else {}
+            runs.append((run_dir, config, results))
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read the results of {run_dir} ({exc}); pass a finished run folder", file=sys.stderr)
+            return 2
     try:
-        results = json.loads(path.read_text())
-        print(headline(results, args.baseline))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read the results of {args.run_dir} ({exc}); pass a finished run folder", file=sys.stderr)
+        print(headline(merged(runs), args.baseline))
+    except KeyError as exc:
+        print(f"error: the results of {', '.join(args.run_dir)} lack {exc}; pass finished run folders", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,3 +45,26 @@ def test_headline_pairs_runs(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0 and "| sgd |" in capsys.readouterr().out
     assert main([str(tmp_path), "--baseline", "nope"]) == 2
     assert "no method 'nope'" in capsys.readouterr().err
+
+
+def test_run_folders_of_one_configuration_pair_into_one_table(tmp_path, capsys):
+    config = {"experiment": "exp1", "seed": 0, "methods": {"sgd": {}}, "metatrain": {"objective": "huber"}}
+    folders = []
+    for name, methods, cfg in (("base", ["sgd"], config),
+                               ("ours", ["ours"], {**config, "methods": {"ours": {}}, "metatrain": {}})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({**RESULTS, "methods": {m: RESULTS["methods"][m]
+                                                                               for m in methods}}))
+        (folder / "config.json").write_text(json.dumps(cfg))
+        folders.append(str(folder))
+    assert main(folders) == 0
+    assert "-6.5 [-12.9, -0.1]" in next(line for line in capsys.readouterr().out.splitlines()
+                                        if line.startswith("| ours"))
+    (tmp_path / "ours" / "config.json").write_text(json.dumps({**config, "seed": 1}))
+    assert main(folders) == 2 and "differ in 'seed'" in capsys.readouterr().err
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    assert main([folders[0], folders[0]]) == 2 and "method 'sgd' is in" in capsys.readouterr().err
+    other = {**RESULTS, "task_names": [["A", "C"]] * 2, "methods": {"ours": RESULTS["methods"]["ours"]}}
+    (tmp_path / "ours" / "results.json").write_text(json.dumps(other))
+    assert main(folders) == 2 and "ran other tasks" in capsys.readouterr().err
