@@ -22,7 +22,7 @@ from .errors import UserError
 from .experiments import computation_changes
 from .methods import Method, method_class
 from .progress import OverallProgress
-from .readout import ReadoutSet
+from .readout import ReadoutSet, evaluate_readouts
 from .workspace import Workspace
 
 PROGRESS = "metatest_progress.pt"
@@ -87,8 +87,8 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
     curve: dict[int, dict[int, tuple]] = {}
 
     def evaluate(step: int, task_indices: Sequence[int]) -> None:
-        for t in task_indices:
-            r = tasks[t].readout.evaluate(learner.features(t), learner.head(t))
+        results = evaluate_readouts([(tasks[t].readout, learner.features(t), learner.head(t)) for t in task_indices])
+        for t, r in zip(task_indices, results):
             curve.setdefault(step, {})[t] = (r.readout, r.original)
             ws.log.readout(method.name, run, step, t, tasks[t].name, r.readout, r.original)
 

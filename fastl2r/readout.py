@@ -13,9 +13,10 @@ output to ``[N, D]`` (e.g. ``lambda out: out.flatten(1)``).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -33,29 +34,85 @@ ReadoutData = Union[Dataset, DataLoader, "tuple[torch.Tensor, torch.Tensor]"]
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
+@dataclass
+class ReadoutProblem:
+    """One linear readout to fit: training and test features ``[N, D]`` with their labels, the number of
+    classes, and the seed of the fresh layer's initialisation."""
+
+    train_features: torch.Tensor
+    train_labels: torch.Tensor
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_features.shape[0] == 0 or self.test_features.shape[0] == 0:
+            raise ValueError("a linear readout needs at least one training and one test example")
+
+
 def linear_readout(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                    test_labels: torch.Tensor, num_classes: int, *, steps: int = READOUT_STEPS,
                    lr: float = READOUT_LR, seed: int = 0) -> float:
     """Test accuracy (a fraction) of a linear layer fitted with ``steps`` full-batch Adam steps."""
-    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
-        raise ValueError("linear_readout needs at least one training and one test example")
-    generator = torch.Generator().manual_seed(seed)
-    dim = train_features.shape[1]
-    layer = nn.Linear(dim, num_classes)
-    bound = 1.0 / dim ** 0.5  # nn.Linear's default init, drawn from our own generator
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(num_classes, dim, generator=generator) * 2 * bound - bound)
-        layer.bias.copy_(torch.rand(num_classes, generator=generator) * 2 * bound - bound)
-    layer = layer.to(device=train_features.device, dtype=train_features.dtype)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
-    x, y = train_features.detach(), train_labels
+    problem = ReadoutProblem(train_features, train_labels, test_features, test_labels, num_classes, seed)
+    return linear_readouts([problem], steps=steps, lr=lr)[0]
+
+
+def linear_readouts(problems: Sequence[ReadoutProblem], *, steps: int = READOUT_STEPS,
+                    lr: float = READOUT_LR) -> list[float]:
+    """Test accuracy of each problem's linear layer, all fitted as one batched problem.
+
+    Why batched: a readout is hundreds of tiny Adam steps, bound by per-call overhead (a launch per op on
+    a GPU), and a meta-test evaluation fits several (every task seen, every run).  Each problem's layer is
+    initialised as ``nn.Linear``'s default from its own seed, and its loss is its own mean cross-entropy:
+    padded examples weigh nothing and padded classes get −∞ logits, so no gradient, and Adam, which is
+    elementwise, moves each layer as if it were fitted alone (up to the matmuls' summation order).
+    Problems of one feature width, dtype and device; one host read for all accuracies."""
+    if not problems:
+        return []
+    first = problems[0].train_features
+    dim, dtype, device = first.shape[1], first.dtype, first.device
+    if any(p.train_features.shape[1] != dim or p.test_features.shape[1] != dim or p.train_features.dtype != dtype
+           or p.train_features.device != device for p in problems):
+        raise ValueError("batched readouts need features of one width, dtype and device")
+    count, classes = len(problems), max(p.num_classes for p in problems)
+    weight = torch.zeros(count, dim, classes, dtype=dtype)
+    bias = torch.zeros(count, 1, classes, dtype=dtype)
+    bound = 1.0 / dim ** 0.5  # nn.Linear's default init, drawn from each problem's own generator
+    for i, p in enumerate(problems):
+        generator = torch.Generator().manual_seed(p.seed)
+        weight[i, :, :p.num_classes] = (torch.rand(p.num_classes, dim, generator=generator) * 2 * bound - bound).T
+        bias[i, 0, :p.num_classes] = torch.rand(p.num_classes, generator=generator) * 2 * bound - bound
+    weight, bias = weight.to(device).requires_grad_(), bias.to(device).requires_grad_()
+    valid = (torch.arange(classes) < torch.tensor([[p.num_classes] for p in problems])).unsqueeze(1).to(device)
+
+    def stacked(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = [getattr(p, f"{split}_features").detach() for p in problems]
+        labels = [getattr(p, f"{split}_labels") for p in problems]
+        rows = max(f.shape[0] for f in features)
+        x = torch.zeros(count, rows, dim, dtype=dtype, device=device)
+        y = torch.zeros(count, rows, dtype=torch.int64, device=device)
+        share = torch.zeros(count, rows, dtype=dtype, device=device)  # 1/N of a real row, 0 of padding
+        for i, (f, l) in enumerate(zip(features, labels)):
+            x[i, :f.shape[0]], y[i, :f.shape[0]], share[i, :f.shape[0]] = f, l, 1.0 / f.shape[0]
+        return x, y, share
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(bias, x, weight).masked_fill(~valid, -math.inf)
+
+    x, y, share = stacked("train")
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(layer(x), y).backward()
+            losses = F.cross_entropy(logits(x).flatten(0, 1), y.flatten(), reduction="none")
+            (losses * share.flatten()).sum().backward()
             optimizer.step()
+    x, y, share = stacked("test")
     with torch.no_grad():
-        return accuracy(layer(test_features), test_labels)
+        correct = ((logits(x).argmax(dim=2) == y) & (share > 0)).sum(dim=1)
+    return [c / p.test_features.shape[0] for c, p in zip(correct.tolist(), problems)]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -157,16 +214,37 @@ class ReadoutSet:
             ys.append(y.to(device))
         return torch.cat(hs), torch.cat(ys)
 
-    def evaluate(self, model: Callable, head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
-                 features: Optional[Callable] = None) -> ReadoutResult:
-        """Readout accuracy of ``model``'s representation, and of ``head`` on it if given."""
+    def problem(self, model: Callable, head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+                features: Optional[Callable] = None) -> tuple[ReadoutProblem, Optional[float]]:
+        """``model``'s representation of both splits as a readout problem to fit, and the accuracy of
+        ``head`` on it if given."""
         param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         device = param.device if param is not None else (self.device or torch.device("cpu"))
-        with nvtx_range("readout"), eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             train_h, train_y = self._represent(model, self.train, features, device)
             test_h, test_y = self._represent(model, self.test, features, device)
             original = accuracy(head(test_h), test_y) if head is not None else None
         classes = self.num_classes or int(torch.cat([train_y, test_y]).max()) + 1
-        readout = linear_readout(train_h, train_y, test_h, test_y, classes, steps=self.steps, lr=self.lr,
-                                 seed=self.seed)
-        return ReadoutResult(readout, original)
+        return ReadoutProblem(train_h, train_y, test_h, test_y, classes, self.seed), original
+
+    def evaluate(self, model: Callable, head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+                 features: Optional[Callable] = None) -> ReadoutResult:
+        """Readout accuracy of ``model``'s representation, and of ``head`` on it if given."""
+        with nvtx_range("readout"):
+            problem, original = self.problem(model, head, features=features)
+            return ReadoutResult(linear_readouts([problem], steps=self.steps, lr=self.lr)[0], original)
+
+
+def evaluate_readouts(readouts: Sequence[tuple[ReadoutSet, Callable, Optional[Callable]]]) -> list[ReadoutResult]:
+    """``ReadoutSet.evaluate`` of each ``(readout set, model, head)``, the linear layers of those with the same
+    steps and lr fitted as one batched problem (``linear_readouts``): a meta-test evaluation reads out every
+    task seen at once."""
+    fitted: list[Optional[float]] = [None] * len(readouts)
+    with nvtx_range("readout"):
+        problems = [readout.problem(model, head) for readout, model, head in readouts]
+        for settings in dict.fromkeys((r.steps, r.lr) for r, _, _ in readouts):
+            chosen = [i for i, (r, _, _) in enumerate(readouts) if (r.steps, r.lr) == settings]
+            accuracies = linear_readouts([problems[i][0] for i in chosen], steps=settings[0], lr=settings[1])
+            for i, value in zip(chosen, accuracies):
+                fitted[i] = value
+    return [ReadoutResult(value, original) for value, (_, original) in zip(fitted, problems)]

@@ -117,3 +117,54 @@ def test_a_task_holds_both_splits(fashion_mnist):
     task = make_task(fashion_mnist, (0, 1), max_train=20, max_test=20)
     with pytest.raises(TypeError, match="pass it alone"):
         ReadoutSet(task, task)
+
+
+def plain_adam_readout(xtr, ytr, xte, yte, classes, steps, lr, seed):
+    """One readout as the paper states it, written out: nn.Linear's default init from a seeded generator,
+    full-batch Adam on the mean cross-entropy; returns the fitted layer and its test accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / xtr.shape[1] ** 0.5
+    layer = nn.Linear(xtr.shape[1], classes).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(classes, xtr.shape[1], generator=g) * 2 * bound - bound)
+        layer.bias.copy_(torch.rand(classes, generator=g) * 2 * bound - bound)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(layer(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return (layer(xte).argmax(1) == yte).double().mean().item()
+
+
+@pytest.mark.parametrize("shapes", [[(40, 30, 3)], [(40, 30, 3), (25, 50, 5)], [(7, 9, 2), (60, 11, 4), (33, 33, 6)]])
+def test_batched_readouts_equal_each_readout_fitted_alone(shapes):
+    """Problems of other sizes and class counts, fitted as one: each gets the accuracy a plain nn.Linear + Adam
+    of its own gets (float64, noisy blobs so that accuracies are not all 1)."""
+    from fastl2r.readout import ReadoutProblem, linear_readouts
+
+    g = torch.Generator().manual_seed(3)
+    problems, expected = [], []
+    for i, (n_train, n_test, classes) in enumerate(shapes):
+        centres = torch.randn(classes, 16, generator=g, dtype=torch.float64)
+        def sample(n):
+            y = torch.randint(0, classes, (n,), generator=g)
+            return centres[y] + 1.5 * torch.randn(n, 16, generator=g, dtype=torch.float64), y
+        (xtr, ytr), (xte, yte) = sample(n_train), sample(n_test)
+        problems.append(ReadoutProblem(xtr, ytr, xte, yte, classes, seed=10 + i))
+        expected.append(plain_adam_readout(xtr, ytr, xte, yte, classes, 60, 0.1, 10 + i))
+    assert linear_readouts(problems, steps=60, lr=0.1) == pytest.approx(expected, abs=1e-12)
+    assert min(expected) < 1  # some layer is not perfect: an error anywhere would show
+
+
+def test_a_meta_test_evaluation_fits_its_readouts_at_once(fashion_mnist):
+    from fastl2r.readout import evaluate_readouts
+
+    model = resnet14_gn(1, [2])
+    sets = [ReadoutSet(make_task(fashion_mnist, classes, max_train=30, max_test=20), steps=20)
+            for classes in ((0, 1), (2, 3, 4))]
+    together = evaluate_readouts([(s, model, model.heads[0] if i == 0 else None)
+                                  for i, s in enumerate(sets)])
+    alone = [sets[0].evaluate(model, model.heads[0]), sets[1].evaluate(model)]
+    assert [r.original for r in together] == [r.original for r in alone] and together[1].original is None
+    assert [r.readout for r in together] == pytest.approx([r.readout for r in alone], abs=1e-6)
