@@ -130,6 +130,7 @@ def read_run(folder: Path) -> tuple[dict, dict]:
             raise UserError(f"a run configuration is a JSON object, not a {type(saved).__name__}")
         run = {"methods_run": saved.pop("methods_run", None), "device": saved.pop("device", None),
                "threads": saved.pop("threads", None), "plugins": saved.pop("plugins", [])}
+        saved.pop("ranks", None)  # each process's share when it last started: written anew on resume
         if not isinstance(run["plugins"], list) or not all(isinstance(p, str) for p in run["plugins"]):
             raise UserError(f"plugins must be a list of modules or files, got {json.dumps(run['plugins'])}")
         for spec in run["plugins"]:  # they register the names the configuration may use
@@ -151,5 +152,6 @@ def read_run(folder: Path) -> tuple[dict, dict]:
 
 def write_run(folder: Path, config: dict, run: dict) -> None:
     """Write the run's ``config.json``: the configuration and the run facts (``methods_run``, ``device``,
-    ``threads``, ``plugins``) that ``read_run`` gives back on ``--resume``."""
+    ``threads``, ``plugins``) that ``read_run`` gives back on ``--resume``, and the processes' shares
+    (``ranks``) of this start."""
     _io.write_json(folder / CONFIG, {**config, **run})

@@ -26,8 +26,9 @@ from .experiments import (EXPERIMENTS, PRESETS, TASKS, apply_override, build_con
                           describe_experiment, validate)
 from .meta.metalearner import MetaLearner
 from .meta.optimizer import load_metalearner
-from .meta.trainer import CHECKPOINT, read_checkpoint
+from .meta.trainer import CHECKPOINT, job_slots, read_checkpoint
 from .methods import METHODS, parse_methods
+from .models import runs_slots
 from .metatest import load_progress, run_metatest, save_results
 from .progress import close_bars
 from .registry import load_plugin
@@ -225,6 +226,19 @@ def check_inputs(ws: Workspace, methods: Sequence[str]) -> None:
         read_checkpoint(ws.out_dir / CHECKPOINT, ws.config, {"meta": MetaLearner(ws.new_model()).state_dict()})
 
 
+def rank_shares(ws: Workspace, methods: Sequence[str]) -> dict:
+    """What each process of the job does, for ``config.json``: the episode slots it meta-trains (when
+    ``ours`` meta-trains here) and the meta-test runs it runs (run r on rank r mod N)."""
+    world = ws.ranks.world
+    shares: dict = {"processes": world}
+    if "ours" in methods and not ws.config["methods"]["ours"]["metalearner"]:
+        slots = job_slots(ws.config["metatrain"]["parallel_episodes"], ws.device.type, runs_slots(ws.new_model()),
+                          world) // world
+        shares["metatrain_slots"] = [list(range(r * slots, (r + 1) * slots)) for r in range(world)]
+    shares["metatest_runs"] = [list(range(r, ws.config["runs"], world)) for r in range(world)]
+    return shares
+
+
 def network_passes(config: dict) -> float:
     """An upper bound of the forward+backward passes of a run (batch 64), from its configuration."""
     mt, test = config["metatrain"], config["metatest"]
@@ -287,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if args.resume is None:
                     held.enter_context(run_folder.create(out_dir))
                 _io.remove_stale_tmp(out_dir)
-                run_folder.write_run(out_dir, config, run)
+                run_folder.write_run(out_dir, config, {**run, "ranks": rank_shares(workspace, run["methods_run"])})
             ranks.barrier()  # the folder exists before any rank writes into it
             started = True
             start = time.perf_counter()

@@ -3,6 +3,7 @@ train the θ one process of two slots trains, up to the order of the gradient su
 identical on every rank."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,12 +111,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def launch(tmp_path, out, *extra, ranks=2, script=None):
-    """``torchrun --nproc-per-node=ranks`` (or one process) of the CLI on the smoke run."""
+def launch(tmp_path, out, *extra, ranks=2, script=None, whole=True):
+    """``torchrun --nproc-per-node=ranks`` (or one process) of the CLI on the smoke run (``whole=False``:
+    of ``extra`` alone, e.g. a ``--resume``)."""
     env = {**os.environ, "FASTL2R_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
     program = ([str(script)] if script else ["-m", "fastl2r.train"])
     runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    command = [sys.executable, *runner, *program, *SMOKE, "--out", str(out), *extra]
+    command = [sys.executable, *runner, *program, *((*SMOKE, "--out", str(out)) if whole else ()), *extra]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -135,12 +137,16 @@ def test_torchrun_gives_the_single_process_results_and_resumes_after_a_rank_dies
         far = (meta[1][key] - meta[0][key]).abs() > 1e-4
         assert far.double().mean() < 0.01, (key, far.double().mean().item())
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    shares = [json.loads((tmp_path / d / "config.json").read_text())["ranks"] for d in ("single", "job")]
+    assert shares[0] == {"processes": 1, "metatrain_slots": [[0, 1]], "metatest_runs": [[0, 1, 2]]}
+    assert shares[1] == {"processes": 2, "metatrain_slots": [[0], [1]], "metatest_runs": [[0, 2], [1]]}
 
     script = tmp_path / "kill_rank_1.py"
     script.write_text(KILL_RANK_1)
     killed = launch(tmp_path, tmp_path / "killed", script=script)
     assert killed.returncode != 0 and not (tmp_path / "killed" / "results.json").exists()
     assert (tmp_path / "killed" / "metatrain_checkpoint.pt").exists()
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed-alone")
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                               "-m", "fastl2r.train", "--resume", str(tmp_path / "killed")], capture_output=True,
                              text=True, env={**os.environ, "FASTL2R_DATA": str(tmp_path / "data"),
@@ -152,6 +158,17 @@ def test_torchrun_gives_the_single_process_results_and_resumes_after_a_rank_dies
     again = json.loads((tmp_path / "killed" / "results.json").read_text())
     for name in ("ours", "sgd"):  # (the info holds timings)
         assert again["methods"][name]["runs"] == two["methods"][name]["runs"], name
+
+    # resumed by one process instead of two: the same 2 slots go on in one folded network, so θ is the
+    # job's up to the reduction order, as above; the baselines' results are exactly the job's
+    alone = launch(tmp_path, None, "--resume", str(tmp_path / "killed-alone"), ranks=1, whole=False)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    after = torch.load(tmp_path / "killed-alone" / "metalearner.pt", weights_only=True)["meta"]
+    for key in meta[1]:
+        assert ((after[key] - meta[1][key]).abs() > 1e-4).double().mean() < 0.01, key
+    alone_results = json.loads((tmp_path / "killed-alone" / "results.json").read_text())
+    assert alone_results["methods"]["sgd"]["runs"] == two["methods"]["sgd"]["runs"]
+    assert json.loads((tmp_path / "killed-alone" / "config.json").read_text())["ranks"]["processes"] == 1
 
 
 def test_slots_that_do_not_divide_among_the_processes_exit_2_on_every_rank(tmp_path):

@@ -44,6 +44,12 @@ NONFINITE_JUDGED_AFTER = 10
 AUTO_SLOTS = {"cpu": 1, "cuda": 16}
 
 
+def job_slots(parallel_episodes: int, device_type: str, folds: bool, world: int) -> int:
+    """The episode slots of the whole job: ``metatrain.parallel_episodes``, or when it is 0 (auto)
+    ``AUTO_SLOTS`` of the device per rank (one for a network that does not fold slots)."""
+    return parallel_episodes or (AUTO_SLOTS.get(device_type, 1) if folds else 1) * world
+
+
 @dataclass
 class EpisodeRecord:
     """One finished meta-training episode, as ``metatrain.csv``, the progress history and Figure 6 keep it."""
@@ -144,8 +150,7 @@ class MetaTrainer:
         ranks = ranks or getattr(workspace, "ranks", SINGLE)
         self.ranks = ranks
         folds = runs_slots(self.skeleton, self.meta.head_prefix)
-        per_device = AUTO_SLOTS.get(self.device.type, 1) if folds else 1
-        self.total_slots = self.mt["parallel_episodes"] or per_device * ranks.world
+        self.total_slots = job_slots(self.mt["parallel_episodes"], self.device.type, folds, ranks.world)
         if self.total_slots % ranks.world:
             raise UserError(f"metatrain.parallel_episodes={self.total_slots} episode slots do not divide among "
                             f"{ranks.world} ranks; choose a multiple of {ranks.world}")
