@@ -330,3 +330,13 @@ def test_truncation_cuts_the_graph(data_root):
         later = torch.autograd.grad(losses.sum(), list(second.lstm) + list(second.head), allow_unused=True)
         assert any(g is not None and g.abs().sum() > 0 for g in later)
         assert any(g is not None and g.abs().sum() > 0 for g in earlier) == reaches
+
+
+def test_episode_endings_are_counted_by_threshold():
+    from fastl2r.meta.trainer import how_episodes_ended
+
+    history = [{"threshold": 20.0, "ended_by": "threshold"}, {"threshold": 20.0, "ended_by": "horizon"},
+               {"threshold": 20.0, "ended_by": "threshold"}, {"threshold": 25.0, "ended_by": "nonfinite"}]
+    assert how_episodes_ended(history) == {"20": {"threshold": 2, "horizon": 1, "nonfinite": 0},
+                                           "25": {"threshold": 0, "horizon": 0, "nonfinite": 1}}
+    assert how_episodes_ended([]) == {}

@@ -12,7 +12,7 @@ from ..data import Batch, Task
 from ..methods import Learner, Method
 from .metalearner import MetaLearner
 from .optimizer import LearnedOptimizer, load_metalearner
-from .trainer import MetaTrainer
+from .trainer import MetaTrainer, how_episodes_ended
 
 DELTA_SAMPLES_PER_TENSOR = 256  # δ values kept per tensor and recording step, for Figure 7
 
@@ -87,7 +87,8 @@ class Ours(Method):
             p = trainer.progress
             self.training = {"episodes": p.episode, "inner_steps": p.inner_steps, "nonfinite_episodes": p.nonfinite,
                              "seconds": round(p.seconds, 1),
-                             "inner_steps_per_second": round(trainer.steps_per_second, 3)}
+                             "inner_steps_per_second": round(trainer.steps_per_second, 3),
+                             "ended_by_threshold": how_episodes_ended(self.history)}
         self.meta.requires_grad_(False)
         self.deltas: dict[str, list[torch.Tensor]] = {}
 
@@ -100,8 +101,9 @@ class Ours(Method):
         self.deltas = state["deltas"]
 
     def info(self) -> dict:
-        """Meta-training's facts (episodes, inner steps, non-finite episodes, time, speed) when this run
-        meta-trained; nothing for a loaded meta-learner."""
+        """Meta-training's facts (episodes, inner steps, non-finite episodes, time, speed, and how the episodes
+        of each loss threshold ended: restarts or the horizon) when this run meta-trained; nothing for a loaded
+        meta-learner."""
         return {"metatrain": self.training} if self.training else {}
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:

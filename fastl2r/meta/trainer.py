@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,16 @@ def job_slots(parallel_episodes: int, device_type: str, folds: bool, world: int)
     """The episode slots of the whole job: ``metatrain.parallel_episodes``, or when it is 0 (auto)
     ``AUTO_SLOTS`` of the device per rank (one for a network that does not fold slots)."""
     return parallel_episodes or (AUTO_SLOTS.get(device_type, 1) if folds else 1) * world
+
+
+def how_episodes_ended(history: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """For each loss threshold of the curriculum (a key like ``"20"``), how many finished episodes ended
+    by crossing it (a restart), at the horizon, or non-finite: whether restarts happen, and when."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in history:
+        stage = counts.setdefault(f"{record['threshold']:g}", dict.fromkeys(END_REASONS.values(), 0))
+        stage[record["ended_by"]] += 1
+    return counts
 
 
 @dataclass
