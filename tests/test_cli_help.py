@@ -20,7 +20,7 @@ def help_text(capsys, *argv):
 
 def test_help_lists_the_choices(capsys):
     text = help_text(capsys, "--help")
-    for choices in ("{exp1,exp2,exp3,exp4,exp5}", "--suite {paper,fmnist}", "--preset {paper,quick,smoke}",
+    for choices in ("{exp1,exp2,exp3,exp4,exp5}", "--suite {paper,fmnist,fmnist_inverted}", "--preset {paper,quick,smoke,cpu}",
                     "--device {cpu,cuda}", "--arch {resnet32_gn,resnet14_gn,resnet8_gn}", "--tensorboard",
                     "--plugin MODULE", "EXP --help"):
         assert choices in text, choices
