@@ -329,8 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def summary(results: dict) -> str:
     """The lines printed when a run ends: per method and task, the readout accuracy at the task's first
-    readout and at the last step (mean ± std over runs), and how many meta-training episodes ended
-    non-finite."""
+    readout and at the last step (mean ± std over runs), and how meta-training's episodes ended
+    (restarted at the loss threshold, non-finite)."""
     lines = [f"{results['experiment']} ({results['suite']} suite, {results['preset']} preset), "
              f"{results['seconds']} s; readout accuracy % (mean ± std), first → last step"]
     for name, entry in results["methods"].items():
@@ -342,8 +342,10 @@ def summary(results: dict) -> str:
         lines.append(f"  {name:9s} " + " | ".join(cells))
         trained = entry["info"].get("metatrain", {})
         if "nonfinite_episodes" in trained:  # Algorithm 1's meta-training (MAML's has its own facts)
-            lines.append(f"  {'':9s} meta-trained on {trained['episodes']} episodes, "
-                         f"{trained['nonfinite_episodes']} of them ended non-finite")
+            restarts = sum(stage["threshold"] for stage in trained.get("ended_by_threshold", {}).values())
+            lines.append(f"  {'':9s} meta-trained on {trained['episodes']} episodes ({trained['inner_steps']:,} inner "
+                         f"steps), {restarts} of them restarted at the loss threshold, "
+                         f"{trained['nonfinite_episodes']} ended non-finite")
     return "\n".join(lines)
 
 

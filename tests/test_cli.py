@@ -96,3 +96,18 @@ def test_the_module_entry_point_exits_2_without_a_traceback(offline):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: runs must be a positive finite number, got -3"
     assert "Traceback" not in proc.stderr
+
+
+def test_the_summary_says_how_meta_training_episodes_ended():
+    from fastl2r.train import summary
+
+    readout = {"task1": [[0.9, 0.8]], "task2": [[0.5, 0.7]]}
+    info = {"metatrain": {"episodes": 5, "inner_steps": 1234, "nonfinite_episodes": 1,
+                          "ended_by_threshold": {"20": {"threshold": 2, "horizon": 1, "nonfinite": 1},
+                                                 "25": {"threshold": 1, "horizon": 0, "nonfinite": 0}}}}
+    results = {"experiment": "exp1", "suite": "fmnist", "preset": "smoke", "seconds": 1.0, "eval_steps": [0, 10],
+               "methods": {"ours": {"readout": {t: {"mean": r[0], "std": [0.0, 0.0]} for t, r in readout.items()},
+                                    "info": info}}}
+    text = summary(results)
+    assert "meta-trained on 5 episodes (1,234 inner steps), 3 of them restarted at the loss threshold, " \
+           "1 ended non-finite" in text
