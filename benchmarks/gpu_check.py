@@ -151,7 +151,7 @@ def run_command(argv: Sequence[str], log: TextIO, seconds: float, *, cwd: Path, 
     None if it ran out of ``seconds``: then the group gets SIGINT and, ``grace`` seconds later,
     SIGKILL.  Whatever the group left running is killed."""
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_interruptible)
     try:
         return process.wait(timeout=max(seconds, 0))
     except subprocess.TimeoutExpired:
@@ -164,6 +164,13 @@ def run_command(argv: Sequence[str], log: TextIO, seconds: float, *, cwd: Path, 
         return None
     finally:
         _signal_group(process.pid, signal.SIGKILL)
+
+
+def _interruptible() -> None:
+    """In a stage's process, before it starts: SIGINT as Ctrl-C gives it, even when the check itself was
+    started in the background (a non-interactive shell's ``&`` ignores SIGINT, and children inherit that),
+    so that the deadline's SIGINT lets pytest write what it has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -213,3 +213,23 @@ def test_the_check_needs_the_data_and_a_gpu_before_it_starts(monkeypatch, tmp_pa
     assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit):
         gpu_check.main(["bench", "nonsense"])
+
+
+def test_a_stage_is_interrupted_at_its_deadline_even_when_the_check_runs_in_the_background(tmp_path):
+    """Started from a non-interactive shell's ``&``, the check inherits an ignored SIGINT; its stages must
+    still take the deadline's SIGINT (Python raises KeyboardInterrupt) rather than wait for the SIGKILL."""
+    import signal
+
+    code = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('interrupted', flush=True)\n")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with (tmp_path / "stage.log").open("w") as log:
+            start = time.monotonic()
+            status = gpu_check.run_command([sys.executable, "-c", code], log, 1.0, cwd=tmp_path,
+                                           env=dict(os.environ), grace=30)
+            elapsed = time.monotonic() - start
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status is None and elapsed < 20
+    assert "interrupted" in (tmp_path / "stage.log").read_text()

@@ -109,7 +109,8 @@ def subprocess_run(tmp_path, until, sig):
         [sys.executable, "-m", "fastl2r.train", "exp1", "--plugin", str(PLUGIN), "--suite", "blobs", "--arch",
          "small_cnn", "--preset", "smoke", "--methods", "ours,sgd", "--set", "metatest.steps_per_task=2000",
          "--data-root", str(tmp_path / "data"), "--out", str(out), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal gives it, however pytest started
     deadline = time.monotonic() + 240
     while not (out / until).exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
