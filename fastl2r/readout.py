@@ -237,14 +237,19 @@ class ReadoutSet:
 
 def evaluate_readouts(readouts: Sequence[tuple[ReadoutSet, Callable, Optional[Callable]]]) -> list[ReadoutResult]:
     """``ReadoutSet.evaluate`` of each ``(readout set, model, head)``, the linear layers of those with the same
-    steps and lr fitted as one batched problem (``linear_readouts``): a meta-test evaluation reads out every
-    task seen at once."""
+    steps, lr and feature width, dtype and device fitted as one batched problem (``linear_readouts``): a
+    meta-test evaluation reads out every task seen at once."""
     fitted: list[Optional[float]] = [None] * len(readouts)
     with nvtx_range("readout"):
         problems = [readout.problem(model, head) for readout, model, head in readouts]
-        for settings in dict.fromkeys((r.steps, r.lr) for r, _, _ in readouts):
-            chosen = [i for i, (r, _, _) in enumerate(readouts) if (r.steps, r.lr) == settings]
-            accuracies = linear_readouts([problems[i][0] for i in chosen], steps=settings[0], lr=settings[1])
+
+        def batch_key(i: int) -> tuple:  # what one batched fit needs in common
+            features = problems[i][0].train_features
+            return readouts[i][0].steps, readouts[i][0].lr, features.shape[1], features.dtype, features.device
+
+        for key in dict.fromkeys(map(batch_key, range(len(readouts)))):
+            chosen = [i for i in range(len(readouts)) if batch_key(i) == key]
+            accuracies = linear_readouts([problems[i][0] for i in chosen], steps=key[0], lr=key[1])
             for i, value in zip(chosen, accuracies):
                 fitted[i] = value
     return [ReadoutResult(value, original) for value, (_, original) in zip(fitted, problems)]

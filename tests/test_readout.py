@@ -168,3 +168,17 @@ def test_a_meta_test_evaluation_fits_its_readouts_at_once(fashion_mnist):
     alone = [sets[0].evaluate(model, model.heads[0]), sets[1].evaluate(model)]
     assert [r.original for r in together] == [r.original for r in alone] and together[1].original is None
     assert [r.readout for r in together] == pytest.approx([r.readout for r in alone], abs=1e-6)
+
+
+def test_readouts_of_other_feature_widths_are_fitted_apart():
+    """A method whose tasks' representations differ in width still reads every task out in one call."""
+    from fastl2r.readout import evaluate_readouts
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(2).repeat(20)
+    narrow = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    wide = nn.Sequential(nn.Conv2d(1, 7, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    sets = [ReadoutSet((x[:30], y[:30]), (x[30:], y[30:]), steps=10) for _ in range(2)]
+    together = evaluate_readouts([(sets[0], narrow, None), (sets[1], wide, None)])
+    alone = [sets[0].evaluate(narrow), sets[1].evaluate(wide)]
+    assert [r.readout for r in together] == pytest.approx([r.readout for r in alone], abs=1e-6)
