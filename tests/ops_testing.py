@@ -157,6 +157,18 @@ def reference_outputs(outputs, dims: GroupDims, rows, dtype: torch.dtype, slots:
     return _last_reference[key]
 
 
+
+def check_against_reference(outputs, names: list[str], tol: float, backend: str, device: str, dtype: torch.dtype,
+                            dims: GroupDims, rows, slots: int = 1, **options) -> None:
+    """``outputs(backend, ·, **options)`` on ``make_group``'s inputs on ``device`` against the float64
+    reference's, output by output (``names``), each in ``dtype`` on ``device``."""
+    x = make_group(dims, rows, dtype, device, slots=slots)
+    actual = outputs(backend, x, **options)
+    expected = reference_outputs(outputs, dims, rows, dtype, slots, **options)
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert a.dtype == dtype and a.device.type == device
+        assert_matches(a, e, name, tol)
+
 # Groups for the Triton kernels at other block sizes than the interpreter's: shapes that are no
 # multiple of any block, so that every last-block mask is exercised.
 BLOCK_SIZE_GROUPS = [pytest.param(*g.values, 1, id=g.id) for g in ODD_GROUPS] + [

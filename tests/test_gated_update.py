@@ -16,8 +16,9 @@ from fastl2r.ops import GroupDims
 from fastl2r.ops import BACKENDS
 from ops_testing import (BACKEND_DEVICES, BLOCK_SIZE_GROUPS, DTYPES, F64, LR, RESNET32_GROUPS, SLOT_GROUPS,
                          TOLERANCE, TRITON_DEVICES, BackwardArguments, assert_matches, assert_same_bits,
-                         at_each_thread_count, count_triton_launches, gradients_of, make_group, op_cases,
-                         poisoned_outputs, reference_outputs, require, slot_cases)  # noqa: F401
+                         at_each_thread_count, check_against_reference, count_triton_launches, gradients_of,
+                         make_group, op_cases, poisoned_outputs, reference_outputs, require,  # noqa: F401
+                         slot_cases)
 
 OUTPUTS = ("w_new", "delta")
 NAMES = ["w_new", "delta", "grad_h3", "grad_head", "grad_w"]
@@ -33,12 +34,8 @@ def gated_update_outputs(backend: str, x: dict, used=OUTPUTS) -> list[torch.Tens
 
 def check_gated_update(backend, device, dtype, dims, rows, slots=1, used=OUTPUTS):
     """``gated_update_outputs`` of ``backend`` on ``device`` against the float64 reference's."""
-    x = make_group(dims, rows, dtype, device, slots=slots)
-    actual = gated_update_outputs(backend, x, used)
-    expected = reference_outputs(gated_update_outputs, dims, rows, dtype, slots, used=used)
-    for name, a, e in zip(NAMES, actual, expected, strict=True):
-        assert a.dtype == dtype and a.device.type == device
-        assert_matches(a, e, name, TOLERANCE["gated_update"][dtype])
+    check_against_reference(gated_update_outputs, NAMES, TOLERANCE["gated_update"][dtype], backend, device,
+                            dtype, dims, rows, slots, used=used)
 
 
 @pytest.mark.parametrize("backend,device,dtype,dims,rows", op_cases())

@@ -16,8 +16,8 @@ from fastl2r.ops import GroupDims
 from fastl2r.ops import BACKENDS
 from ops_testing import (BACKEND_DEVICES, BLOCK_SIZE_GROUPS, DTYPES, F64, RESNET32_GROUPS, SLOT_GROUPS, TOLERANCE,
                          TRITON_DEVICES, BackwardArguments, assert_matches, assert_same_bits, at_each_thread_count,
-                         count_triton_launches, gradients_of, make_group, op_cases, poisoned_outputs,  # noqa: F401
-                         reference_outputs, require, slot_cases)
+                         check_against_reference, count_triton_launches, gradients_of, make_group, op_cases,
+                         poisoned_outputs, reference_outputs, require, slot_cases)  # noqa: F401
 
 OUTPUTS = ("h_new", "c_new")
 NAMES = ["h_new", "c_new", "grad_w", "grad_lstm", "grad_h", "grad_c"]
@@ -35,12 +35,8 @@ def meta_lstm_outputs(backend: str, x: dict, used=OUTPUTS) -> list[torch.Tensor]
 
 def check_meta_lstm(backend, device, dtype, dims, rows, slots=1, used=OUTPUTS):
     """``meta_lstm_outputs`` of ``backend`` on ``device`` against the float64 reference's."""
-    x = make_group(dims, rows, dtype, device, slots=slots)
-    actual = meta_lstm_outputs(backend, x, used)
-    expected = reference_outputs(meta_lstm_outputs, dims, rows, dtype, slots, used=used)
-    for name, a, e in zip(NAMES, actual, expected, strict=True):
-        assert a.dtype == dtype and a.device.type == device
-        assert_matches(a, e, name, TOLERANCE["meta_lstm"][dtype])
+    check_against_reference(meta_lstm_outputs, NAMES, TOLERANCE["meta_lstm"][dtype], backend, device, dtype, dims, rows,
+                            slots, used=used)
 
 
 @pytest.mark.parametrize("backend,device,dtype,dims,rows", op_cases())
