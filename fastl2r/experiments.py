@@ -261,14 +261,18 @@ def leaves(config: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that change how a run is kept (checkpoint frequency) or when it gives up, never what it
 # computes: a resumed run may change them.
 BOOKKEEPING_KEYS = ("metatrain.save_every", "metatrain.checkpoint_minutes", "metatrain.max_nonfinite_fraction")
+# Keys a resumed run may change although they shape what it computes: the number of meta-training
+# episodes (to train longer or stop sooner), checked by the meta-trainer against the episodes
+# already started.  No episode's course depends on how many follow it.
+RESUME_MAY_CHANGE = ("metatrain.episodes",)
 
 
 def computation_changes(old: dict, new: dict) -> list[str]:
-    """The keys whose values differ between two configurations, bookkeeping keys aside, as
-    ``key (old → new)``."""
+    """The keys whose values differ between two configurations, bookkeeping keys and
+    ``RESUME_MAY_CHANGE`` aside, as ``key (old → new)``."""
     a, b = leaves(old), leaves(new)
     return [f"{k} ({json.dumps(a.get(k))} → {json.dumps(b.get(k))})" for k in sorted(set(a) | set(b))
-            if k not in BOOKKEEPING_KEYS and a.get(k) != b.get(k)]
+            if k not in BOOKKEEPING_KEYS + RESUME_MAY_CHANGE and a.get(k) != b.get(k)]
 
 
 # Chosen by the command line's positional argument, --suite and --preset, and the results' labels.
