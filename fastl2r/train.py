@@ -26,7 +26,7 @@ from .experiments import (EXPERIMENTS, PRESETS, TASKS, apply_override, build_con
                           describe_experiment, validate)
 from .meta.metalearner import MetaLearner
 from .meta.optimizer import load_metalearner
-from .meta.trainer import CHECKPOINT, job_slots, read_checkpoint
+from .meta.trainer import CHECKPOINT, check_episode_count, job_slots, read_checkpoint
 from .methods import METHODS, parse_methods
 from .models import runs_slots
 from .metatest import load_progress, run_metatest, save_results
@@ -172,6 +172,10 @@ def resumed_run(args: argparse.Namespace, given: dict) -> tuple[dict, dict, Path
         raise UserError(f"--resume {folder} continues that run as it was started; these options would change it: "
                         f"{', '.join(changes)} (start a new run for that)")
     validate(requested)  # bookkeeping keys may have changed
+    checkpoint = folder / CHECKPOINT
+    if requested["metatrain"]["episodes"] != config["metatrain"]["episodes"] and checkpoint.exists():
+        check_episode_count(_io.torch_load(checkpoint, "the meta-training checkpoint",
+                                           "delete it to restart meta-training"), requested["metatrain"]["episodes"])
     return requested, run, folder
 
 

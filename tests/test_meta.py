@@ -254,13 +254,17 @@ def test_inner_step_reads_nothing_back_to_the_host(data_root):
     assert counter.total > 100 and host_reads(counter) == 0
 
 
-def test_resume_continues_exactly(data_root, tmp_path):
+@pytest.mark.parametrize("first_episodes", [5, 3, 8], ids=["same", "longer on resume", "shorter on resume"])
+def test_resume_continues_exactly(data_root, tmp_path, first_episodes):
+    """A run resumed mid-episode ends as a straight run does, also when the resume changes the number of
+    episodes (to train longer or stop sooner): the straight run is one started with the new count."""
     overrides = {**ALGORITHM_1, "metatrain.threshold": "[1000.0, 0.0, 1000.0]", "metatrain.parallel_episodes": 2,
                  "metatrain.episodes": 5}
     straight = MetaTrainer(small_experiment(data_root, **overrides))
     straight.train(progress=False)
     run_dir = tmp_path / "run"
-    first = MetaTrainer(small_experiment(data_root, run_dir, **overrides), run_dir=run_dir)
+    first = MetaTrainer(small_experiment(data_root, run_dir, **{**overrides, "metatrain.episodes": first_episodes}),
+                        run_dir=run_dir)
     first.run_window()  # a window of 2 steps: both slots are in the middle of their episodes
     first.save()
     assert not (run_dir / "metalearner.pt").exists() and len(first.running) == 2
@@ -270,7 +274,7 @@ def test_resume_continues_exactly(data_root, tmp_path):
     assert (run_dir / "metalearner.pt").exists()
     for a, b in zip(straight.meta.parameters(), resumed.meta.parameters()):
         assert torch.equal(a, b)
-    assert straight.progress.history == resumed.progress.history
+    assert straight.progress.history == resumed.progress.history and resumed.progress.episode == 5
 
 
 def test_tbptt_meta_gradient_matches_central_finite_differences(data_root, monkeypatch):

@@ -279,17 +279,17 @@ def metalearner_file(path: Path, arch="resnet8_gn", channels=1, value=None, obj=
     save_metalearner(meta, path, arch=arch)
 
 
-def checkpoint_file(folder: Path, config: dict, arch=None, obj=None, raw=None):
+def checkpoint_file(folder: Path, config: dict, arch=None, obj=None, raw=None, progress=None):
     """``metatrain_checkpoint.pt``: ``raw`` bytes, an object, or a checkpoint of ``config`` whose θ
-    is of ``arch``."""
+    is of ``arch`` and whose progress is ``progress``."""
     path = folder / "metatrain_checkpoint.pt"
     if raw is not None:
         path.write_bytes(raw)
         return
     if obj is None:
         meta = MetaLearner(ARCHITECTURES[arch or config["arch"]](1, []))
-        obj = {"meta": meta.state_dict(), "optimizer": {}, "slots": {}, "running": {}, "pending": [], "progress": {},
-               "config": config}
+        obj = {"meta": meta.state_dict(), "optimizer": {}, "slots": {}, "running": {}, "pending": [],
+               "progress": progress or {}, "config": config}
     torch.save(obj, path)
 
 
@@ -420,6 +420,12 @@ BAD_INPUTS = [
     ("--resume, checkpoint of another run", ["--resume", "{tmp}/run"],
      lambda t: saved_run(t / "run") and checkpoint_file(t / "run", other_config(seed=7)), {},
      "is the checkpoint of another configuration (seed (7 → 0))"),
+    ("--resume, episodes below those started", ["--resume", "{tmp}/run", "--set", "metatrain.episodes=2"],
+     lambda t: checkpoint_file(t / "run", saved_run(t / "run"), progress={"started": 3}), {},
+     "metatrain.episodes=2 is fewer than the 3 episodes this run has already started; set it to at least 3"),
+    ("--resume, episodes after all started", ["--resume", "{tmp}/run", "--set", "metatrain.episodes=6"],
+     lambda t: checkpoint_file(t / "run", saved_run(t / "run"), progress={"started": 4}), {},
+     "all 4 episodes of this run's meta-training have started; start a new run to train longer"),
     ("--resume, checkpoint of another network", ["--resume", "{tmp}/run"],
      lambda t: checkpoint_file(t / "run", saved_run(t / "run"), arch="resnet14_gn"), {},
      "does not fit this run's resnet8_gn network"),

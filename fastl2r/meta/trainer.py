@@ -444,20 +444,6 @@ class MetaTrainer:
             self.pending = sorted(e.episode for e in running.values()) + self.pending
         self._saved_windows = self.progress.windows
 
-    def _check_episode_count(self, state: dict) -> None:
-        """A resumed run may change ``metatrain.episodes`` while no slot has gone idle for want of
-        episodes and not below those started: then it trains as if started with the new count."""
-        before, after = state["config"]["metatrain"]["episodes"], self.mt["episodes"]
-        started = state["progress"]["started"]
-        if after == before:
-            return
-        if started >= before:
-            raise UserError(f"metatrain.episodes cannot change on --resume: all {before} episodes of this run's "
-                            f"meta-training have started; start a new run to train longer")
-        if after < started:
-            raise UserError(f"metatrain.episodes={after} is fewer than the {started} episodes this run has "
-                            f"already started; set it to at least {started}")
-
     def save(self) -> None:
         """Write the checkpoint into the run folder (rank 0, if there is a folder); every rank calls it, since
         it gathers their slots."""
@@ -476,7 +462,7 @@ class MetaTrainer:
         fresh = {"meta": self.meta.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "slots": [slot] * self.total_slots}
         state = read_checkpoint(path, self.config, fresh)
-        self._check_episode_count(state)
+        check_episode_count(state, self.mt["episodes"])
         try:
             self.load_state_dict(state)
         except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # episode records of another layout
@@ -575,6 +561,25 @@ def read_checkpoint(path: Path, config: dict, fresh: dict) -> dict:
     if not all(torch.isfinite(t).all() for t in state["meta"].values() if t.is_floating_point()):
         raise UserError(f"{path} holds a non-finite θ; {fix}")
     return state
+
+
+def check_episode_count(state: dict, episodes: int) -> None:
+    """A resumed meta-training (checkpoint ``state``) may go on with another ``metatrain.episodes`` while no
+    slot has gone idle for want of episodes and not below those started: it then trains exactly as a run
+    started with ``episodes`` would.  Anything else is a UserError."""
+    try:
+        before, started = state["config"]["metatrain"]["episodes"], state["progress"]["started"]
+    except (KeyError, TypeError):
+        raise UserError("the run's metatrain_checkpoint.pt is not a meta-training checkpoint; "
+                        "delete it to restart meta-training") from None
+    if episodes == before:
+        return
+    if started >= before:
+        raise UserError(f"metatrain.episodes cannot change on --resume: all {before} episodes of this run's "
+                        f"meta-training have started; start a new run to train longer")
+    if episodes < started:
+        raise UserError(f"metatrain.episodes={episodes} is fewer than the {started} episodes this run has "
+                        f"already started; set it to at least {started}")
 
 
 def _to(tree, device, dtype: Optional[torch.dtype] = None):
