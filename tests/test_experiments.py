@@ -62,6 +62,10 @@ def test_the_cpu_preset_is_sized_for_two_cores():
     assert config["readout"] == {"steps": 500, "lr": 0.1, "max_train": 1000, "max_test": 1000}
     mt = config["metatrain"]
     assert mt["episode_steps"] == 500 and mt["episodes"] * mt["episode_steps"] >= 20_000
+    # the headline run's meta-training (README): the centred objective, thresholds it crosses early
+    assert (mt["episodes"], mt["curriculum_every"], mt["threshold"], mt["objective"]) == (
+        47, 15, [5.0, 2.5, 10.0], "huber_centred")
+    assert build_config("exp1", "fmnist", "paper")["metatrain"]["objective"] == "huber"
 
 
 def test_a_task_spec_transform_is_checked_and_described():
