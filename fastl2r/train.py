@@ -243,17 +243,19 @@ def rank_shares(ws: Workspace, methods: Sequence[str]) -> dict:
     return shares
 
 
-def network_passes(config: dict) -> float:
-    """An upper bound of the forward+backward passes of a run (batch 64), from its configuration."""
+def network_passes(config: dict, methods: Sequence[str]) -> float:
+    """An upper bound of the forward+backward passes (batch 64) of a run of ``methods``: pre-training
+    (cached or not), Algorithm 1 when ``ours`` meta-trains here (no ``--metalearner``), the meta-test."""
     mt, test = config["metatrain"], config["metatest"]
     tasks = len(config["tasks"]["meta_test"])
     passes = 2 * 200 * config["pretrain"]["epochs"] * (1 + mt["checkpoints"])       # ~25k images at 128
-    passes += mt["episodes"] * mt["episode_steps"] * tasks * (4 + mt["tbptt"][2])     # Algorithm 1, upper bound
-    passes += config["runs"] * len(config["methods"]) * test["steps_per_task"] * tasks * 2
+    if "ours" in methods and not config["methods"]["ours"]["metalearner"]:
+        passes += mt["episodes"] * mt["episode_steps"] * tasks * (4 + mt["tbptt"][2])
+    passes += config["runs"] * len(methods) * test["steps_per_task"] * tasks * 2
     return passes
 
 
-def estimate_seconds(config: dict, device: torch.device) -> float:
+def estimate_seconds(config: dict, methods: Sequence[str], device: torch.device) -> float:
     """A rough duration: one measured forward+backward, times ``network_passes``."""
     from .models import ARCHITECTURES
 
@@ -263,11 +265,13 @@ def estimate_seconds(config: dict, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(2):
         model(x).sum().backward()
-    return network_passes(config) * (time.perf_counter() - start) / 2
+    return network_passes(config, methods) * (time.perf_counter() - start) / 2
 
 
-# Runs of more passes than this on a CPU get their estimated duration printed first.
-LONG_CPU_RUN_PASSES = 200_000
+# A CPU run of more passes than this is timed (a few seconds), and one estimated to last more than
+# LONG_CPU_RUN_HOURS gets its estimate printed first.
+LONG_CPU_RUN_PASSES = 10_000
+LONG_CPU_RUN_HOURS = 1.0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -294,22 +298,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(run["threads"])  # torch's CPU kernels round differently with other counts
             check_backend(device)
             data_root = check_data_root(args.data_root)
-            if ranks.writer and device.type == "cpu" and network_passes(config) > LONG_CPU_RUN_PASSES:
-                hours = estimate_seconds(config, device) / 3600
-                print(f"This run on a CPU: roughly {hours:,.0f} hours (estimated). "
-                      "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
+            methods = run["methods_run"]
+            if ranks.writer and device.type == "cpu" and network_passes(config, methods) > LONG_CPU_RUN_PASSES:
+                hours = estimate_seconds(config, methods, device) / 3600
+                if hours > LONG_CPU_RUN_HOURS:
+                    print(f"This run on a CPU: roughly {hours:,.1f} hours (estimated). "
+                          "Use a GPU (--device cuda) or a smaller preset.", file=sys.stderr)
             workspace = Workspace(config, data_root=data_root, out_dir=out_dir, device=device,
                                   progress=not args.no_progress, tensorboard=args.tensorboard, ranks=ranks)
-            check_inputs(workspace, run["methods_run"])
+            check_inputs(workspace, methods)
             if ranks.writer:
                 if args.resume is None:
                     held.enter_context(run_folder.create(out_dir))
                 _io.remove_stale_tmp(out_dir)
-                run_folder.write_run(out_dir, config, {**run, "ranks": rank_shares(workspace, run["methods_run"])})
+                run_folder.write_run(out_dir, config, {**run, "ranks": rank_shares(workspace, methods)})
             ranks.barrier()  # the folder exists before any rank writes into it
             started = True
             start = time.perf_counter()
-            results = run_metatest(workspace, run["methods_run"])
+            results = run_metatest(workspace, methods)
             if results is None:  # another rank than 0: its runs went to rank 0
                 return 0
             results["seconds"] = round(time.perf_counter() - start, 1)

@@ -89,6 +89,21 @@ def test_paper_preset_on_cpu_prints_an_estimate_first(capsys, offline):
     assert "roughly" in err[0] and "hours" in err[0]
 
 
+def test_the_duration_estimate_counts_what_the_run_does():
+    """Pre-training, meta-training only when ``ours`` meta-trains here, and the meta-test of the methods run
+    (hand-counted for the cpu preset: w0 and 1 checkpoint of 40 epochs at ~200 batches; 47 episodes of 500
+    steps, up to 4 + 9 passes each; 5 runs of 500 steps, 2 passes each)."""
+    from fastl2r.experiments import build_config
+    from fastl2r.train import network_passes
+
+    config = build_config("exp1", "fmnist_inverted", "cpu")
+    pretrain, metatrain, per_method = 2 * 200 * 40 * 2, 47 * 500 * 13, 5 * 500 * 2
+    assert network_passes(config, ["sgd"]) == pretrain + per_method
+    assert network_passes(config, ["ours", "sgd"]) == pretrain + metatrain + 2 * per_method
+    config["methods"]["ours"]["metalearner"] = "metalearner.pt"
+    assert network_passes(config, ["ours", "sgd"]) == pretrain + 2 * per_method
+
+
 def test_the_module_entry_point_exits_2_without_a_traceback(offline):
     env = {**os.environ, "FASTL2R_DATA": str(offline / "data")}
     proc = subprocess.run([sys.executable, "-m", "fastl2r.train", "exp1", "--runs", "-3"], capture_output=True,
