@@ -2,9 +2,10 @@
 task's readout at the horizon, and their paired differences to a baseline with 95% confidence
 intervals (runs are paired: every method of a run sees the same tasks, seeds and batches).
 
-    python -m fastl2r.analysis RUN_DIR [RUN_DIR ...] [--baseline sgd]
+    python -m fastl2r.analysis RUN_DIR [RUN_DIR ...] [--baseline sgd] [--figure readout.png]
 
-prints the table as Markdown (numbers in readout-accuracy points).  Several run folders of one
+prints the table as Markdown (numbers in readout-accuracy points) and can draw every method's readout
+curves in one figure.  Several run folders of one
 configuration (e.g. the baselines run while ``ours`` meta-trained, and ``ours`` with the trained
 meta-learner) make one table: their runs are the same runs, so they pair as well.
 """
@@ -126,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastl2r.analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="+", help="a run folder holding results.json (several: of one configuration)")
     parser.add_argument("--baseline", default="sgd", help="the method paired differences are taken to (default sgd)")
+    parser.add_argument("--figure", default=None, metavar="PATH",
+                        help="also draw the readout curves of every method of the folders into PATH (.png, .pdf)")
     args = parser.parse_args(argv)
     runs = []
     for run_dir in args.run_dir:
@@ -137,12 +140,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: cannot read the results of {run_dir} ({exc}); pass a finished run folder", file=sys.stderr)
             return 2
     try:
-        print(headline(merged(runs), args.baseline))
+        results = merged(runs)
+        print(headline(results, args.baseline))
+        if args.figure is not None:
+            from . import plots  # matplotlib only when a figure is asked for
+
+            plots.save(plots.figure_readout(results), args.figure)
     except KeyError as exc:
         print(f"error: the results of {', '.join(args.run_dir)} lack {exc}; pass finished run folders", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # the figure's folder or format
+        print(f"error: cannot write the figure {args.figure} ({exc}); choose another path", file=sys.stderr)
         return 2
     return 0
 

@@ -68,3 +68,20 @@ def test_run_folders_of_one_configuration_pair_into_one_table(tmp_path, capsys):
     other = {**RESULTS, "task_names": [["A", "C"]] * 2, "methods": {"ours": RESULTS["methods"]["ours"]}}
     (tmp_path / "ours" / "results.json").write_text(json.dumps(other))
     assert main(folders) == 2 and "ran other tasks" in capsys.readouterr().err
+
+
+def test_the_figure_draws_every_method_of_the_folders(tmp_path, capsys):
+    def curves(runs):  # mean and std over runs per task and step, as results.json has them
+        return {task: {"mean": [sum(r[i] for r in series) / len(series) for i in range(3)], "std": [0.0] * 3}
+                for task, series in runs["readout"].items()}
+
+    full = {**RESULTS, "experiment": "exp1", "suite": "fmnist", "preset": "smoke",
+            "methods": {name: {**entry, "readout": curves(entry["runs"])} for name, entry in RESULTS["methods"].items()}}
+    (tmp_path / "results.json").write_text(json.dumps(full))
+    figure = tmp_path / "figures" / "readout.png"
+    assert main([str(tmp_path), "--figure", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main([str(tmp_path), "--figure", str(tmp_path / "readout.nope")]) == 2
+    assert "cannot write the figure" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "results.json"]
