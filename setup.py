@@ -78,6 +78,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastl2r.kernels": "kernels"},
+    # trained meta-learners shipped with the library (fastl2r/trained/README.md)
+    package_data={"fastl2r": ["trained/*.pt", "trained/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -96,9 +96,10 @@ def headline(results: dict, baseline: str = "sgd") -> str:
     return "\n".join(lines)
 
 
-# what may differ between run folders whose runs pair: the methods run, and meta-training (which only
-# ``ours`` and the controls that read its meta-learner depend on)
-MAY_DIFFER = ("methods", "metatrain")
+# what may differ between run folders whose runs pair: the methods run and their options, meta-training
+# (which only ``ours`` and the controls that read its meta-learner depend on), and the facts of how each
+# run was executed (``config.json``'s device, threads, plugins and processes; every run keeps its seeds)
+MAY_DIFFER = ("methods", "metatrain", "methods_run", "device", "threads", "plugins", "ranks")
 
 
 def merged(runs: Sequence[tuple[str, dict, dict]]) -> dict:

@@ -88,10 +88,12 @@ def build_parser(experiment: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set metatest.eval_every=50 (repeatable)")
     p.add_argument("--metalearner", default=None, metavar="PATH",
-                   help="use this trained meta-learner (a run's metalearner.pt) for 'ours' instead of meta-training")
+                   help="use this trained meta-learner (a run's metalearner.pt, or one shipped in "
+                        "fastl2r/trained/) for 'ours' instead of meta-training")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run in RUN_DIR with its own configuration "
-                        "(meta-training restarts from its last checkpoint)")
+                        "(meta-training restarts from its last checkpoint; --set metatrain.episodes=N "
+                        "trains longer or stops sooner)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="a .py file or module that registers architectures, datasets or methods "
                         "(fastl2r.register_*); repeatable, recorded for --resume")

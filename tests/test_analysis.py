@@ -50,8 +50,9 @@ def test_headline_pairs_runs(tmp_path, capsys):
 def test_run_folders_of_one_configuration_pair_into_one_table(tmp_path, capsys):
     config = {"experiment": "exp1", "seed": 0, "methods": {"sgd": {}}, "metatrain": {"objective": "huber"}}
     folders = []
-    for name, methods, cfg in (("base", ["sgd"], config),
-                               ("ours", ["ours"], {**config, "methods": {"ours": {}}, "metatrain": {}})):
+    for name, methods, cfg in (("base", ["sgd"], {**config, "methods_run": ["sgd"], "threads": 1}),
+                               ("ours", ["ours"], {**config, "methods": {"ours": {}}, "metatrain": {},
+                                                   "methods_run": ["ours"], "threads": 2})):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({**RESULTS, "methods": {m: RESULTS["methods"][m]

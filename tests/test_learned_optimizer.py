@@ -261,3 +261,27 @@ def test_loading_for_another_architecture_names_both(tmp_path):
     with pytest.raises(UserError, match=r"first difference: conv.weight \[16, 1, 3, 3\] there, conv.weight "
                                         r"\[16, 3, 3, 3\] here"):
         load_metalearner(path, resnet14_gn(3, [5]))
+
+
+def test_the_shipped_headline_rule_fits_the_cpu_preset_and_is_trained():
+    """fastl2r/trained/exp1-fmnist_inverted-cpu.pt is the README's headline rule: trained with the cpu
+    preset's configuration, it loads for that preset's network, and it is not a fresh meta-learner
+    (whose δ ≡ 1 makes its step plain SGD's)."""
+    from pathlib import Path
+
+    from fastl2r.experiments import build_config, computation_changes
+
+    path = Path(__file__).resolve().parents[1] / "fastl2r" / "trained" / "exp1-fmnist_inverted-cpu.pt"
+    config = build_config("exp1", "fmnist_inverted", "cpu")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert computation_changes(saved["config"], config) == [] and saved["config"]["metatrain"]["episodes"] == 47
+    torch.manual_seed(0)
+    model = resnet8_gn(1, [5])
+    meta = load_metalearner(path, model, arch=config["arch"])
+    sgd_model = copy.deepcopy(model)
+    x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 5, (16,))
+    for net, optimizer in ((model, LearnedOptimizer(model, meta)), (sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=0.1))):
+        F.cross_entropy(net.heads[0](net(x)), y).backward()
+        optimizer.step()
+    moved = [(p - q).abs().max().item() for p, q in zip(model.conv.parameters(), sgd_model.conv.parameters())]
+    assert max(moved) > 1e-6
