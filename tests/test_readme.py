@@ -51,3 +51,23 @@ def test_learned_optimizer_example_after_the_readme_command(workdir):
     assert isinstance(optimizer, torch.optim.Optimizer)
     saved = torch.load(workdir / "runs" / "checkpoint.pt", weights_only=True)["optimizer"]
     assert any(state["h"].abs().sum() > 0 for state in saved["state"].values())  # the meta-nets ran, kept state
+
+
+def test_the_readmes_train_commands_make_valid_runs(monkeypatch):
+    """Every ``python -m fastl2r.train`` command of the README's bash blocks (continued lines joined)
+    parses and builds its run's configuration, from the repository's root (the shipped meta-learner's
+    path is relative to it); a CUDA command is checked as if CUDA were there."""
+    from fastl2r import train
+
+    monkeypatch.chdir(README.parent)
+    monkeypatch.setattr(train.distributed, "resolve_device", lambda device: torch.device(device or "cpu"))
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    commands = [line.split("python -m fastl2r.train", 1)[1].split("#", 1)[0]
+                for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if "python -m fastl2r.train" in line]
+    assert len(commands) >= 6
+    for command in commands:
+        argv = shlex.split(command)
+        args = train.build_parser(argv[0]).parse_args(argv)
+        config, run, _ = train.new_run(args, [])
+        assert run["methods_run"] and config["experiment"] == argv[0], command
