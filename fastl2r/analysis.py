@@ -146,16 +146,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.figure is not None:
             from . import plots  # matplotlib only when a figure is asked for
 
-            plots.save(plots.figure_readout(results), args.figure)
+            figure = plots.figure_readout(results)
     except KeyError as exc:
         print(f"error: the results of {', '.join(args.run_dir)} lack {exc}; pass finished run folders", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:  # the figure's folder or format
-        print(f"error: cannot write the figure {args.figure} ({exc}); choose another path", file=sys.stderr)
-        return 2
+    if args.figure is not None:
+        try:
+            plots.save(figure, args.figure)
+        except (OSError, ValueError, UserError) as exc:  # the figure's folder (WriteError) or format
+            print(f"error: cannot write the figure {args.figure} ({exc}); choose another path", file=sys.stderr)
+            return 2
     return 0
 
 
