@@ -112,10 +112,17 @@ def layout_difference(saved: Any, expected: Any, where: str) -> Optional[str]:
 
 
 def check_writable(folder: str | os.PathLike) -> None:
-    """Create ``folder`` if needed and write (then remove) a file in it; a ``WriteError`` if that fails."""
-    probe = Path(folder) / ".write-test"
-    write_bytes(probe, b"")
-    probe.unlink()
+    """Create ``folder`` if needed and write (then remove) a file in it; a ``WriteError`` if that fails.
+    The probe's name is this process's own (as a temporary write's): torchrun's ranks check one data
+    root at the same moment, and a shared name let one rank delete the other's probe."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-test.{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(folder, exc.strerror or str(exc)) from None
 
 
 def process_alive(pid: int) -> bool:

@@ -193,6 +193,26 @@ def test_a_lock_of_a_dead_process_is_taken_over_and_a_live_ones_is_not(tmp_path)
         live.wait()
 
 
+
+PROBE_FOLDER = """
+import sys
+from fastl2r import _io
+for _ in range(3000):
+    _io.check_writable(sys.argv[1])
+"""
+
+
+def test_processes_checking_one_folder_at_once_do_not_trip_over_each_others_probe(tmp_path):
+    """torchrun's ranks check the data root at the same moment (just after joining the job): a probe file
+    of a shared name was deleted under one rank by the other (FileNotFoundError, exit 1)."""
+    folder = tmp_path / "data"
+    probes = [subprocess.Popen([sys.executable, "-c", PROBE_FOLDER, str(folder)], stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in probes]
+    assert [p.returncode for p in probes] == [0, 0, 0], errors
+    assert list(folder.iterdir()) == []
+
+
 # ----- faults -----
 @pytest.mark.slow
 def test_a_nonfinite_storm_stops_meta_training_with_one_line(capsys, env, one_thread, tmp_path):
@@ -327,6 +347,7 @@ BAD_INPUTS = [
     ("negative seed", [*NEW, "--seed", "-1"], None, {}, "seed must be a non-negative"),
     ("huge seed", [*NEW, "--seed", str(2 ** 40)], None, {}, "seed must be below 2**32"),
     ("unknown device", [*NEW, "--device", "tpu"], None, {}, "unknown device 'tpu'"),
+    ("zero parallel runs", [*NEW, "--parallel-runs", "0"], None, {}, "--parallel-runs 0: give a positive number"),
     ("--set without =", [*NEW, "--set", "metatrain.lr"], None, {}, "--set expects KEY=VALUE"),
     ("unknown key", [*NEW, "--set", "nonexistent.key=1"], None, {}, "unknown key 'nonexistent.key'"),
     ("negative eval_every", [*NEW, "--set", "metatest.eval_every=-5"], None, {}, "metatest.eval_every must be a positive"),
@@ -400,6 +421,10 @@ BAD_INPUTS = [
      "methods_run must be a list"),
     ("--resume, bad threads", ["--resume", "{tmp}/run"], lambda t: saved_run(t / "run", threads=0), {},
      "threads must be a positive integer"),
+    ("--resume, bad parallel_runs", ["--resume", "{tmp}/run"], lambda t: saved_run(t / "run", parallel_runs=0), {},
+     "parallel_runs must be a positive integer"),
+    ("--resume, other parallel runs", ["--resume", "{tmp}/run", "--parallel-runs", "3"],
+     lambda t: saved_run(t / "run"), {}, "would change it: --parallel-runs (1 → 3)"),
     ("--resume, another experiment", ["exp2", "--resume", "{tmp}/run"], lambda t: saved_run(t / "run"), {},
      "is a run of exp1, not exp2"),
     ("--resume, unknown key", ["--resume", "{tmp}/run", "--set", "nonexistent.key=1"], lambda t: saved_run(t / "run"),
