@@ -98,8 +98,9 @@ def headline(results: dict, baseline: str = "sgd") -> str:
 
 # what may differ between run folders whose runs pair: the methods run and their options, meta-training
 # (which only ``ours`` and the controls that read its meta-learner depend on), and the facts of how each
-# run was executed (``config.json``'s device, threads, plugins and processes; every run keeps its seeds)
-MAY_DIFFER = ("methods", "metatrain", "methods_run", "device", "threads", "plugins", "ranks")
+# run was executed (``config.json``'s device, threads, plugins, processes and runs side by side; every
+# run keeps its seeds)
+MAY_DIFFER = ("methods", "metatrain", "methods_run", "device", "threads", "plugins", "ranks", "parallel_runs")
 
 
 def merged(runs: Sequence[tuple[str, dict, dict]]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ from .data import Task, TaskSampler
 from .errors import UserError
 from .experiments import computation_changes
 from .methods import Method, method_class
+from .models import runs_slots
 from .progress import OverallProgress
 from .readout import ReadoutSet, evaluate_readouts
+from .run_slots import RunRNGs, SlotLearner, SlotNetwork, stack
 from .workspace import Workspace
 
 PROGRESS = "metatest_progress.pt"
@@ -117,22 +119,88 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
     return curve
 
 
-def run_metatest(ws: Workspace, methods: Sequence[str]) -> Optional[dict]:
+def run_method_slots(ws: Workspace, method: Method, runs: Sequence[int], tasks: dict[int, Sequence[TaskPair]],
+                     learner_of: Callable[[SlotNetwork, RunRNGs], SlotLearner],
+                     overall: Optional[OverallProgress] = None) -> dict[int, dict[int, dict[int, tuple]]]:
+    """Meta-test runs ``runs`` of one method side by side, as the slots of one folded network
+    (``run_slots``): ``{run: curve}``, each curve the one ``run_method`` gives that run alone, up to
+    round-off.  Each run draws its heads with its own RNG and its batches from its own samplers; every
+    evaluation reads out all runs' tasks as one batched problem (``evaluate_readouts``)."""
+    m = ws.config["metatest"]
+    steps, every = m["steps_per_task"], m["eval_every"]
+    rngs = RunRNGs({run: ws.run_seed(run) for run in runs}, ws.device)
+    models = []
+    for run in runs:
+        with rngs.use(run):
+            models.append(method.initial_model(run).to(ws.device))
+    network = SlotNetwork(models)
+    learner = learner_of(network, rngs)
+    curves: dict[int, dict[int, dict[int, tuple]]] = {run: {} for run in runs}
+
+    def evaluate(step: int, task_indices: Sequence[int]) -> None:
+        network.write_back()
+        chosen = [(i, run, t) for i, run in enumerate(runs) for t in task_indices]
+        results = evaluate_readouts([(tasks[run][t].readout, models[i], models[i].heads[t]) for i, run, t in chosen])
+        for (_, run, t), r in zip(chosen, results):
+            curves[run].setdefault(step, {})[t] = (r.readout, r.original)
+            ws.log.readout(method.name, run, step, t, tasks[run][t].name, r.readout, r.original)
+
+    phases = len(tasks[runs[0]]) - 1
+    bar = tqdm(total=steps * phases, desc=f"{method.name} runs {', '.join(str(r + 1) for r in runs)}",
+               disable=not ws.progress, leave=False, dynamic_ncols=True)
+    for phase in range(phases):
+        index = phase + 1
+        for run, model in zip(runs, models):
+            with rngs.use(run):
+                if model.add_head(tasks[run][index].train.num_classes) != index:
+                    raise RuntimeError(f"{method.name}: the network should have {index} heads before task {index + 1}")
+        network.add_head()
+        learner.begin_task(index)
+        evaluate(phase * steps, range(index + 1) if phase == 0 else [index])
+        seeds = [ws.run_seed(run) for run in runs]
+        new = [TaskSampler([tasks[run][index].train], m["batch_size"], device=ws.device, seed=seed * 10 + index)
+               for run, seed in zip(runs, seeds)]
+        old = ([TaskSampler([p.train for p in tasks[run][:index]], m["batch_size"], device=ws.device,
+                            seed=seed * 10 + index + 5) for run, seed in zip(runs, seeds)]
+               if method.needs_old_data else None)
+        for step in range(1, steps + 1):
+            learner.step(stack([s.sample() for s in new]), stack([s.sample() for s in old]) if old else None)
+            bar.update(1)
+            if overall is not None:
+                overall.step(len(runs))
+            global_step = phase * steps + step
+            if global_step % every == 0 or step == steps:
+                evaluate(global_step, range(index + 1))
+    bar.close()
+    return curves
+
+
+def run_metatest(ws: Workspace, methods: Sequence[str], parallel_runs: int = 1) -> Optional[dict]:
     """Meta-test ``methods`` over every run; returns the ``results.json`` content (on rank 0; None on
-    the others of a job of several ranks, which share the runs out: run r on rank r mod N).  One
-    overall progress line follows it (closed, with the bars under it, however it ends).  With a run
-    folder, each finished (method, run) is kept in ``metatest_progress.pt`` at once (after each round
-    of runs with several ranks), and an interrupted meta-test continues from there."""
+    the others of a job of several ranks, which share the runs out: run r on rank r mod N).  Up to
+    ``parallel_runs`` runs of a method that can (``Method.slot_learner``) go side by side, as slots of
+    one folded network (``run_method_slots``).  One overall progress line follows it (closed, with the
+    bars under it, however it ends).  With a run folder, each finished (method, run) is kept in
+    ``metatest_progress.pt`` at once (after each round of runs with several ranks), and an interrupted
+    meta-test continues from there."""
+    if isinstance(parallel_runs, bool) or not isinstance(parallel_runs, int) or parallel_runs < 1:
+        raise UserError(f"parallel_runs must be a positive integer, got {parallel_runs!r}")
     m = ws.config["metatest"]
     overall = OverallProgress(methods, ws.config["runs"], m["steps_per_task"] * len(ws.config["tasks"]["meta_test"]),
                               enabled=ws.progress)
     try:
-        return _run_metatest(ws, methods, overall)
+        return _run_metatest(ws, methods, overall, parallel_runs)
     finally:
         overall.close()
 
 
-def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress) -> Optional[dict]:
+def runs_side_by_side(method: Method) -> bool:
+    """Whether ``method`` can train several runs as slots of one network (it gives a ``slot_learner``)."""
+    return type(method).slot_learner is not Method.slot_learner
+
+
+def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgress,
+                  parallel_runs: int) -> Optional[dict]:
     instances = [method_class(name)(ws, ws.config["methods"].get(name, {})) for name in methods]
     for method in instances:
         overall.preparing(method.name)
@@ -142,28 +210,45 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
         if method.name in progress["methods"]:
             method.load_state_dict(progress["methods"][method.name])
     ranks, runs = ws.ranks, ws.config["runs"]
-    for first in range(0, runs, ranks.world):  # a round: run first + r on rank r, then all gathered
-        run = first + ranks.rank
-        finished = {}
-        if run < runs:
-            tasks = None
-            for method in instances:
-                if run in progress["curves"].get(method.name, {}):
-                    overall.skip(method.name)
-                    continue
-                tasks = tasks or run_tasks(ws, run)
-                overall.begin_run(method.name, run)
-                finished[method.name] = run_method(ws, method, run, tasks, overall)
+    folds = parallel_runs > 1 and runs_slots(ws.new_model())
+    mine = list(range(ranks.rank, runs, ranks.world))  # run r on rank r mod N
+    rounds = -(-(-(-runs // ranks.world)) // parallel_runs)  # as many on every rank: each ends in a gather
+    for first in range(0, rounds * parallel_runs, parallel_runs):
+        chunk = mine[first:first + parallel_runs]
+        finished: dict[int, dict] = {run: {} for run in chunk}
+        tasks: dict[int, list[TaskPair]] = {}
+        for method in instances:
+            todo = [run for run in chunk if run not in progress["curves"].get(method.name, {})]
+            for _ in range(len(chunk) - len(todo)):
+                overall.skip(method.name)
+            for run in todo:
+                tasks[run] = tasks.get(run) or run_tasks(ws, run)
+            if folds and len(todo) > 1 and runs_side_by_side(method):
+                overall.begin_run(method.name, todo[0], len(todo))
+                curves = run_method_slots(ws, method, todo, tasks,
+                                          lambda net, rngs: method.slot_learner(net, todo, rngs), overall)
                 overall.end_run()
-                if ranks.world == 1:  # one process: kept after every (method, run)
-                    _keep(ws, progress, instances, {method.name: finished.pop(method.name)}, run, tasks)
-            names = [t.name for t in tasks] if tasks is not None else None
-        for rank_run, rank_finished, rank_names in ranks.all_gather((run, finished, names if run < runs else None)):
-            if rank_finished:
-                _keep(ws, progress, instances, rank_finished, rank_run, None, rank_names)
-                if rank_run != run:
-                    for name in rank_finished:
-                        overall.skip(name)
+            else:
+                curves = {}
+                for run in todo:
+                    overall.begin_run(method.name, run)
+                    curves[run] = run_method(ws, method, run, tasks[run], overall)
+                    overall.end_run()
+                    if ranks.world == 1:  # one process: kept after every (method, run)
+                        _keep(ws, progress, instances, {method.name: curves.pop(run)}, run, tasks[run])
+            for run, curve in curves.items():
+                if ranks.world == 1:
+                    _keep(ws, progress, instances, {method.name: curve}, run, tasks[run])
+                else:
+                    finished[run][method.name] = curve
+        names = {run: [t.name for t in tasks[run]] if run in tasks else None for run in chunk}
+        for rank_chunk in ranks.all_gather([(run, finished[run], names[run]) for run in chunk]):
+            for rank_run, rank_finished, rank_names in rank_chunk:
+                if rank_finished:
+                    _keep(ws, progress, instances, rank_finished, rank_run, None, rank_names)
+                    if rank_run not in finished:
+                        for name in rank_finished:
+                            overall.skip(name)
     if not ranks.writer:
         return None
     curves = {name: [progress["curves"][name][run] for run in range(runs)] for name in methods}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import abc
 import importlib
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .data import Batch, Task
 from .errors import UserError
+from .run_slots import RunRNGs, SlotLearner, SlotNetwork
 from .workspace import Workspace
 
 
@@ -101,6 +102,12 @@ class Method(abc.ABC):
     def learner(self, model: nn.Module, run: int) -> Learner:
         """The ``Learner`` that trains ``model`` (from ``initial_model(run)``) through run ``run``'s new
         tasks."""
+
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> Optional[SlotLearner]:
+        """The learner that trains runs ``runs`` side by side as the slots of ``network`` (``--parallel-runs``),
+        each slot as ``learner`` trains its run (``rngs``: each run's own RNG), or None: this method's runs go
+        one at a time (the default)."""
+        return None
 
 
 def method_class(name: str) -> type[Method]:

@@ -32,7 +32,7 @@ class OverallProgress:
         self.remaining_runs = {name: runs for name in methods}
         self.seconds_per_step: dict[str, float] = {}
         self.start = time.perf_counter()
-        self.current: Optional[tuple[str, float, int]] = None  # method, start time, steps done
+        self.current: Optional[tuple[str, float, int, int]] = None  # method, start time, steps done, runs
         self.doing = "starting"
         self.bar = tqdm(total=len(methods) * runs * steps_per_run, disable=not enabled, dynamic_ncols=True,
                         bar_format="{desc} |{bar:12}| {percentage:3.0f}% of the meta-test")
@@ -57,7 +57,7 @@ class OverallProgress:
         fallback = sum(rates.values()) / len(rates)
         left = sum(runs * self.steps_per_run * rates.get(name, fallback) for name, runs in self.remaining_runs.items())
         if self.current is not None:
-            left += (self.steps_per_run - self.current[2]) * rates.get(self.current[0], fallback)
+            left += (self.steps_per_run * self.current[3] - self.current[2]) * rates.get(self.current[0], fallback)
         return left
 
     def show(self) -> None:
@@ -73,11 +73,12 @@ class OverallProgress:
         self.doing = f"{method}: preparing"
         self.show()
 
-    def begin_run(self, method: str, run: int) -> None:
-        """Run ``run`` of ``method`` starts: one run fewer left, and its steps are timed from now."""
-        self.doing = f"{method} run {run + 1}/{self.runs}"
-        self.remaining_runs[method] -= 1
-        self.current = (method, time.perf_counter(), 0)
+    def begin_run(self, method: str, run: int, count: int = 1) -> None:
+        """Run ``run`` of ``method`` starts (with ``count`` > 1: runs ``run`` and the next ones of this rank,
+        side by side): that many runs fewer left, and their steps are timed from now."""
+        self.doing = f"{method} run {run + 1}/{self.runs}" if count == 1 else f"{method}: {count} runs from {run + 1}"
+        self.remaining_runs[method] -= count
+        self.current = (method, time.perf_counter(), 0, count)
         self.show()
 
     def skip(self, method: str) -> None:
@@ -85,15 +86,15 @@ class OverallProgress:
         self.remaining_runs[method] -= 1
         self.bar.update(self.steps_per_run)
 
-    def step(self) -> None:
-        """One meta-test step of the current run is done."""
-        method, started, steps = self.current
-        self.current = (method, started, steps + 1)
-        self.bar.update(1)
+    def step(self, runs: int = 1) -> None:
+        """One meta-test step of the current run (of each of ``runs`` runs side by side) is done."""
+        method, started, steps, count = self.current
+        self.current = (method, started, steps + runs, count)
+        self.bar.update(runs)
 
     def end_run(self) -> None:
         """The current run ended: its seconds per step update its method's mean, which the ETA uses."""
-        method, started, steps = self.current
+        method, started, steps, _ = self.current
         done = self.runs - self.remaining_runs[method]  # this method's finished runs, this one included
         rate = (time.perf_counter() - started) / max(steps, 1)
         previous = self.seconds_per_step.get(method, rate)

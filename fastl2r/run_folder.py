@@ -116,8 +116,9 @@ def create(folder: Path) -> Iterator[None]:
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:
-    """The configuration and the run facts (``methods_run``, ``device``, ``threads``, ``plugins``) that
-    the run in ``folder`` was started with, validated like a new run's (its plugins loaded first)."""
+    """The configuration and the run facts (``methods_run``, ``device``, ``threads``, ``plugins``,
+    ``parallel_runs``) that the run in ``folder`` was started with, validated like a new run's (its
+    plugins loaded first)."""
     path = folder / CONFIG
     if not path.is_file():
         raise UserError(f"--resume {folder}: no {CONFIG} there; pass the folder of an earlier run")
@@ -129,7 +130,8 @@ def read_run(folder: Path) -> tuple[dict, dict]:
         if not isinstance(saved, dict):
             raise UserError(f"a run configuration is a JSON object, not a {type(saved).__name__}")
         run = {"methods_run": saved.pop("methods_run", None), "device": saved.pop("device", None),
-               "threads": saved.pop("threads", None), "plugins": saved.pop("plugins", [])}
+               "threads": saved.pop("threads", None), "plugins": saved.pop("plugins", []),
+               "parallel_runs": saved.pop("parallel_runs", 1)}  # runs of earlier releases went one by one
         saved.pop("ranks", None)  # each process's share when it last started: written anew on resume
         if not isinstance(run["plugins"], list) or not all(isinstance(p, str) for p in run["plugins"]):
             raise UserError(f"plugins must be a list of modules or files, got {json.dumps(run['plugins'])}")
@@ -145,6 +147,9 @@ def read_run(folder: Path) -> tuple[dict, dict]:
         threads = run["threads"]
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserError(f"threads must be a positive integer, got {json.dumps(threads)}")
+        parallel = run["parallel_runs"]
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise UserError(f"parallel_runs must be a positive integer, got {json.dumps(parallel)}")
     except UserError as exc:
         raise UserError(f"--resume: {path}: {exc}") from None
     return saved, run
@@ -152,6 +157,6 @@ def read_run(folder: Path) -> tuple[dict, dict]:
 
 def write_run(folder: Path, config: dict, run: dict) -> None:
     """Write the run's ``config.json``: the configuration and the run facts (``methods_run``, ``device``,
-    ``threads``, ``plugins``) that ``read_run`` gives back on ``--resume``, and the processes' shares
+    ``threads``, ``plugins``, ``parallel_runs``) that ``read_run`` gives back on ``--resume``, and the processes' shares
     (``ranks``) of this start."""
     _io.write_json(folder / CONFIG, {**config, **run})

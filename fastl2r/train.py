@@ -52,6 +52,12 @@ def _one_of(names) -> str:
     return "{" + ",".join(names) + "}"
 
 
+# --parallel-runs by default: on a GPU one run's step is hundreds of tiny kernel launches, which 8 runs
+# side by side share (untimed so far: BENCHMARKS.md); on the CPU runs go one by one, so that a CPU run's
+# results stay, to the bit, those of earlier releases.
+AUTO_PARALLEL_RUNS = {"cpu": 1, "cuda": 8}
+
+
 def build_parser(experiment: Optional[str] = None) -> argparse.ArgumentParser:
     """The command line; with ``experiment``, its help describes that experiment."""
     from .models import ARCHITECTURES
@@ -85,6 +91,11 @@ def build_parser(experiment: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/EXP-SUITE-PRESET-TIME)")
     p.add_argument("--device", default=None, metavar=_one_of(("cpu", "cuda")),
                    help="default: cuda if available")
+    p.add_argument("--parallel-runs", type=int, default=None, metavar="N",
+                   help="meta-test up to N runs of a method side by side, as one folded network (ours, sgd, "
+                        "sgd_x0.1, sgd_mean_delta, teacher, maml, rep; each run's results are its own up to "
+                        "float round-off); "
+                        f"default {AUTO_PARALLEL_RUNS['cuda']} on a GPU, {AUTO_PARALLEL_RUNS['cpu']} on a CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration value, e.g. --set metatest.eval_every=50 (repeatable)")
     p.add_argument("--metalearner", default=None, metavar="PATH",
@@ -122,8 +133,11 @@ def new_run(args: argparse.Namespace, plugins: list[str]) -> tuple[dict, dict, P
     arch = [f"arch={json.dumps(args.arch)}"] if args.arch is not None else []
     config = build_config(args.experiment, args.suite, args.preset, seed=args.seed, runs=args.runs,
                           overrides=arch + args.overrides)
-    run = {"methods_run": parse_methods(args.methods), "device": distributed.resolve_device(args.device).type,
-           "threads": torch.get_num_threads(), "plugins": plugins}
+    device = distributed.resolve_device(args.device).type
+    if args.parallel_runs is not None and args.parallel_runs < 1:
+        raise UserError(f"--parallel-runs {args.parallel_runs}: give a positive number of runs (1: one at a time)")
+    run = {"methods_run": parse_methods(args.methods), "device": device, "threads": torch.get_num_threads(),
+           "plugins": plugins, "parallel_runs": args.parallel_runs or AUTO_PARALLEL_RUNS[device]}
     if args.metalearner is not None:
         if not os.path.isfile(args.metalearner):
             raise UserError(f"--metalearner {args.metalearner}: no such file (a run's metalearner.pt)")
@@ -136,7 +150,8 @@ def new_run(args: argparse.Namespace, plugins: list[str]) -> tuple[dict, dict, P
 
 
 # The options (argument dests) a resumed run may repeat but not change.
-RESUME_OPTIONS = ("suite", "preset", "seed", "runs", "methods", "arch", "metalearner", "device", "out")
+RESUME_OPTIONS = ("suite", "preset", "seed", "runs", "methods", "arch", "metalearner", "device", "out",
+                  "parallel_runs")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict:
@@ -168,6 +183,8 @@ def resumed_run(args: argparse.Namespace, given: dict) -> tuple[dict, dict, Path
         changes.append(f"--methods ({','.join(run['methods_run'])} → {','.join(parse_methods(given['methods']))})")
     if "device" in given and distributed.resolve_device(given["device"]).type != run["device"]:
         changes.append(f"--device ({run['device']} → {given['device']})")
+    if "parallel_runs" in given and given["parallel_runs"] != run["parallel_runs"]:
+        changes.append(f"--parallel-runs ({run['parallel_runs']} → {given['parallel_runs']})")
     if "out" in given and Path(given["out"]).absolute() != folder.absolute():
         changes.append(f"--out ({folder} → {given['out']})")
     if changes:
@@ -317,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ranks.barrier()  # the folder exists before any rank writes into it
             started = True
             start = time.perf_counter()
-            results = run_metatest(workspace, methods)
+            results = run_metatest(workspace, methods, run["parallel_runs"])
             if results is None:  # another rank than 0: its runs went to rank 0
                 return 0
             results["seconds"] = round(time.perf_counter() - start, 1)

@@ -184,3 +184,21 @@ def test_slots_that_do_not_divide_among_the_processes_exit_2_on_every_rank(tmp_p
     assert job.returncode != 0 and not (tmp_path / "job").exists()
     errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all("do not divide among the job's 2 processes" in e for e in errors), ranks_stderr(job)
+
+
+def test_ranks_take_their_runs_side_by_side(tmp_path):
+    """--parallel-runs 2 under two ranks: rank 0 meta-tests runs 0 and 2 side by side, rank 1 run 1 alone,
+    one gather; each run's curve is the one-process, one-by-one run's (run 1's exactly: it ran alone)."""
+    single = launch(tmp_path, tmp_path / "single", ranks=1)
+    assert single.returncode == 0, ranks_stderr(single)
+    job = launch(tmp_path, tmp_path / "job", "--parallel-runs", "2")
+    assert job.returncode == 0, ranks_stderr(job)
+    assert json.loads((tmp_path / "job" / "config.json").read_text())["parallel_runs"] == 2
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("single", "job"))
+    assert two["task_names"] == one["task_names"]
+    runs = one["methods"]["sgd"]["runs"]["readout"]
+    for task, rows in two["methods"]["sgd"]["runs"]["readout"].items():
+        assert rows[1] == runs[task][1]
+        for run in (0, 2):  # float32 round-off of the folded network may flip an example or so
+            assert rows[run][0] == runs[task][run][0]
+            assert all(abs(a - b) <= 0.05 for a, b in zip(rows[run], runs[task][run]) if a is not None)

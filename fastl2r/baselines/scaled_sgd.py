@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ from ..data import TaskSampler
 from ..errors import UserError
 from ..meta.optimizer import LearnedOptimizer, load_metalearner
 from ..methods import Learner, Method
+from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, SlotSGD
 from .sgd import SGDLearner
 
 METALEARNER = "metalearner.pt"
@@ -76,3 +78,7 @@ class ScaledSGD(Method):
     def learner(self, model: nn.Module, run: int) -> Learner:
         """SGD at ``lr`` × the learned rule's mean δ."""
         return SGDLearner(model, self.lr)
+
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> SlotLearner:
+        """``SlotSGD`` at the same rate: its runs go side by side."""
+        return SlotSGD(network, self.lr)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..data import Batch, Task
 from ..methods import Learner, Method
+from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, SlotSGD
 
 
 class SGDLearner(Learner):
@@ -46,6 +47,10 @@ class SGD(Method):
     def learner(self, model: nn.Module, run: int) -> Learner:
         """An ``SGDLearner`` at this method's ``lr``."""
         return SGDLearner(model, self.options["lr"])
+
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> SlotLearner:
+        """``SlotSGD`` at this method's ``lr``: its runs go side by side."""
+        return SlotSGD(network, self.options["lr"])
 
 
 class SGDx01(SGD):
@@ -93,3 +98,7 @@ class SGDFromBackbone(Method):
     def learner(self, model: nn.Module, run: int) -> Learner:
         """Plain SGD at this method's ``lr``: the meta-test's SGD protocol."""
         return SGDLearner(model, self.options["lr"])
+
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> SlotLearner:
+        """``SlotSGD`` at this method's ``lr``: its runs go side by side."""
+        return SlotSGD(network, self.options["lr"])

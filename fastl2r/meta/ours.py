@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..data import Batch, Task
 from ..methods import Learner, Method
-from .metalearner import MetaLearner
+from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, new_task_loss
+from .metalearner import MetaLearner, activation_means, record_activations, tapped_layers
 from .optimizer import LearnedOptimizer, load_metalearner
 from .trainer import MetaTrainer, how_episodes_ended
 
@@ -42,17 +43,67 @@ class OursLearner(Learner):
         self.optimizer.step()
         self.steps += 1
         if self.deltas is not None and self.steps % self.record_every == 0:
-            self._record_deltas()
+            record_deltas(self.deltas, self.optimizer.meta, self.optimizer.last_deltas)
 
-    def _record_deltas(self) -> None:
-        meta = self.optimizer.meta
-        for group, delta in zip(meta.groups, self.optimizer.last_deltas):
-            for tensor, rows in zip(group.tensors, delta.split(group.rows)):
-                kind = delta_kind(tensor.name, tensor.kind, tensor.rows)
-                flat = rows.reshape(-1)
-                if flat.numel() > DELTA_SAMPLES_PER_TENSOR:
-                    flat = flat[torch.randperm(flat.numel(), device=flat.device)[:DELTA_SAMPLES_PER_TENSOR]]
-                self.deltas.setdefault(kind, []).append(flat.float().cpu())
+
+def record_deltas(deltas: dict[str, list[torch.Tensor]], meta: MetaLearner, step_deltas: Sequence[torch.Tensor],
+                  slots: int = 1, slot: int = 0) -> None:
+    """Keep a sample (``DELTA_SAMPLES_PER_TENSOR``, drawn with the global RNG) of each gated tensor's δ of a
+    step, by Figure 7's kind; ``step_deltas``: per group, of ``slots`` slots, of which ``slot``'s are kept."""
+    for group, delta in zip(meta.groups, step_deltas):
+        for tensor, rows in zip(group.tensors, delta.split([slots * r for r in group.rows])):
+            kind = delta_kind(tensor.name, tensor.kind, tensor.rows)
+            flat = rows.view(slots, tensor.rows, -1)[slot].reshape(-1)
+            if flat.numel() > DELTA_SAMPLES_PER_TENSOR:
+                flat = flat[torch.randperm(flat.numel(), device=flat.device)[:DELTA_SAMPLES_PER_TENSOR]]
+            deltas.setdefault(kind, []).append(flat.float().cpu())
+
+
+class SlotOurs(SlotLearner):
+    """``OursLearner`` for R runs: the frozen meta-learner updates every slot's gated tensors (its rows
+    folded as in meta-training), plain SGD the others and the heads; the meta-nets' LSTM states go on
+    across tasks.  When run 0 is a slot, its δ samples are kept every ``record_every`` steps, drawn with
+    run 0's own RNG."""
+
+    def __init__(self, network: SlotNetwork, meta: MetaLearner, runs: Sequence[int], rngs: RunRNGs,
+                 deltas: dict, record_every: int):
+        super().__init__(network)
+        self.meta, self.rngs, self.deltas, self.record_every = meta, rngs, deltas, record_every
+        self.recorded = list(runs).index(0) if 0 in runs and record_every else None
+        self.layers = tapped_layers(network.skeleton, meta.head_prefix)
+        self.gated = [t.name for t in meta.meta_tensors]
+        weight = next(iter(network.weights.values()))
+        self.dtype = next(meta.parameters()).dtype
+        self.lstm = meta.initial_state(weight.device, self.dtype, slots=network.slots)
+        self.steps = 0
+
+    def step(self, new: Batch, old: Optional[Batch]) -> None:
+        """One learned update of every slot on its run's new-task cross-entropy (no teacher, no old data)."""
+        net, meta = self.network, self.meta
+        with torch.enable_grad():
+            weights = {n: w.requires_grad_() for n, w in net.weights.items()}
+            heads = [h.requires_grad_() for h in net.heads]
+            with record_activations(net.skeleton, self.layers) as activations:
+                h = net.represent(new.x, weights)
+            loss = new_task_loss(net, h, heads, self.task_index, new.y).sum()
+            grads = dict(zip([*weights, *range(len(heads))],
+                             torch.autograd.grad(loss, [*weights.values(), *heads], allow_unused=True)))
+            means = activation_means(self.layers, activations).to(self.dtype)
+        with torch.no_grad():
+            flat = meta.flatten({n: weights[n].to(self.dtype) for n in self.gated}, net.slots)
+            flat_grads = meta.flatten({n: grads[n].to(self.dtype) for n in self.gated}, net.slots)
+            _, self.lstm, step_deltas = meta.step(flat, flat_grads, means, self.lstm)
+            delta = meta.unflatten(step_deltas, net.slots)
+            # as LearnedOptimizer.step: −lr·δ⊙g for a gated tensor, −lr·g for the others and the heads
+            net.weights = {n: w.detach().add(delta[n].to(w.dtype) * grads[n] if n in delta else grads[n],
+                                             alpha=-meta.lr) if grads[n] is not None else w.detach()
+                           for n, w in weights.items()}
+            net.heads = [h.detach().add(grads[t], alpha=-meta.lr) if grads[t] is not None else h.detach()
+                         for t, h in enumerate(heads)]
+        self.steps += 1
+        if self.recorded is not None and self.steps % self.record_every == 0:
+            with self.rngs.use(0):
+                record_deltas(self.deltas, meta, step_deltas, net.slots, self.recorded)
 
 
 def delta_kind(name: str, kind: str, rows: int) -> str:
@@ -124,3 +175,7 @@ class Ours(Method):
         Figure 7."""
         every = self.workspace.config["metatest"]["eval_every"] if run == 0 else 0
         return OursLearner(model, self.meta, self.deltas if every else None, every)
+
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> SlotLearner:
+        """``SlotOurs`` on the frozen meta-learner; run 0, if among ``runs``, samples δ as ``learner``'s does."""
+        return SlotOurs(network, self.meta, runs, rngs, self.deltas, self.workspace.config["metatest"]["eval_every"])
