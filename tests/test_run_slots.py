@@ -175,3 +175,18 @@ def test_the_command_line_records_parallel_runs_and_a_resume_keeps_them(tmp_path
     assert json.loads((out / "config.json").read_text())["parallel_runs"] == 2
     assert main([*argv, "--out", str(tmp_path / "default")]) == 0  # the CPU's default: one at a time
     assert json.loads((tmp_path / "default" / "config.json").read_text())["parallel_runs"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd_x0.1", "sgd_mean_delta", "maml", "rep", "teacher"])
+def test_every_sgd_protocol_method_steps_its_slots_at_its_own_learning_rate(tmp_path, name):
+    from fastl2r.methods import method_class
+    ws = workspace(tmp_path)
+    method = method_class(name)(ws, ws.config["methods"][name])
+    if name == "sgd_mean_delta":
+        method.lr = 0.037  # what prepare() measures
+    models = networks()
+    add_heads(models)
+    slotted = method.slot_learner(SlotNetwork(models), RUNS, RunRNGs(SEEDS, torch.device("cpu")))
+    assert type(slotted) is (SlotTeacher if name == "teacher" else SlotSGD)
+    assert slotted.lr == method.learner(models[0], 0).lr
+    assert slotted.lr == {"sgd_mean_delta": 0.037}.get(name, ws.config["methods"][name].get("lr"))
