@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .data import Batch
-from .meta.unroll import fold, head_logits
+from .meta.unroll import fold, head_logits, sgd_step
 
 HEADS = "heads."
 
@@ -141,9 +141,5 @@ class SlotSGD(SlotLearner):
             heads = [h.requires_grad_() for h in net.heads]
             leaves = list(weights.values()) + heads
             grads = torch.autograd.grad(self.loss(weights, heads, new, old).sum(), leaves, allow_unused=True)
-        stepped = [(leaf, g) for leaf, g in zip(leaves, grads) if g is not None]
-        with torch.no_grad():  # as torch.optim.SGD: p − lr·g for each tensor with a gradient
-            new_values = dict(zip(map(id, (leaf for leaf, _ in stepped)), torch._foreach_add(
-                [leaf for leaf, _ in stepped], [g for _, g in stepped], alpha=-self.lr)))
-        net.weights = {n: new_values.get(id(w), w).detach() for n, w in weights.items()}
-        net.heads = [new_values.get(id(h), h).detach() for h in heads]
+        stepped = sgd_step(leaves, grads, self.lr)
+        net.weights, net.heads = dict(zip(weights, stepped)), stepped[len(weights):]

@@ -14,6 +14,7 @@ from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, new_task_loss
 from .metalearner import MetaLearner, activation_means, record_activations, tapped_layers
 from .optimizer import LearnedOptimizer, load_metalearner
 from .trainer import MetaTrainer, how_episodes_ended
+from .unroll import sgd_step
 
 DELTA_SAMPLES_PER_TENSOR = 256  # δ values kept per tensor and recording step, for Figure 7
 
@@ -98,8 +99,7 @@ class SlotOurs(SlotLearner):
             net.weights = {n: w.detach().add(delta[n].to(w.dtype) * grads[n] if n in delta else grads[n],
                                              alpha=-meta.lr) if grads[n] is not None else w.detach()
                            for n, w in weights.items()}
-            net.heads = [h.detach().add(grads[t], alpha=-meta.lr) if grads[t] is not None else h.detach()
-                         for t, h in enumerate(heads)]
+            net.heads = sgd_step(heads, [grads[t] for t in range(len(heads))], meta.lr)
         self.steps += 1
         if self.recorded is not None and self.steps % self.record_every == 0:
             with self.rngs.use(0):

@@ -206,6 +206,18 @@ def slot_cross_entropy(h: torch.Tensor, heads: Sequence[torch.Tensor], y: torch.
     return total / task.shape[1]
 
 
+def sgd_step(values: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], lr: float) -> list[torch.Tensor]:
+    """Plain SGD (no momentum, ``torch.optim.SGD``'s ``p − lr·g``) of every tensor with a gradient, out of the
+    graph, in one multi-tensor op however deep the network; the others come back detached, unchanged."""
+    stepped = [i for i, g in enumerate(grads) if g is not None]
+    with torch.no_grad():
+        new = torch._foreach_add([values[i] for i in stepped], [grads[i] for i in stepped], alpha=-lr)
+    out = [v.detach() for v in values]
+    for i, value in zip(stepped, new):
+        out[i] = value
+    return out
+
+
 def representation_loss(student: torch.Tensor, teacher: torch.Tensor, objective: str) -> torch.Tensor:
     """``[S]``: per slot, the Huber loss (δ = 1, mean) between representations ``[N, S, D]``.
 
@@ -309,14 +321,8 @@ class Unroll:
         return loss
 
     def _sgd(self, weights: list, plain: dict, heads: list, grads: Sequence[Optional[torch.Tensor]]):
-        """Plain SGD (no momentum) of every tensor that received a gradient, out of the graph."""
-        values = weights + list(plain.values()) + heads
-        stepped = [i for i, g in enumerate(grads) if g is not None]
-        with torch.no_grad():  # one multi-tensor op, however deep the network; no graph
-            new = torch._foreach_add([values[i] for i in stepped], [grads[i] for i in stepped], alpha=-self.lr)
-        values = [v.detach() for v in values]
-        for i, value in zip(stepped, new):
-            values[i] = value
+        """``sgd_step`` of the weights, plain tensors and heads, split back into those three."""
+        values = sgd_step(weights + list(plain.values()) + heads, grads, self.lr)
         n = len(weights)
         return values[:n], dict(zip(plain, values[n:n + len(plain)])), values[n + len(plain):]
 
