@@ -53,6 +53,17 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def leave(self) -> None:
+        """The job's end: wait until every rank is done, so that none tears its connections down while
+        another still uses them (Gloo can abort a process whose peer closes under it).  A rank that
+        failed meanwhile ends the wait; its own error is the job's report."""
+        if self.world > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass
+
+
 
 SINGLE = Ranks()
 

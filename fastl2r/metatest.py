@@ -7,13 +7,15 @@ run, readouts every ``eval_every`` steps, and the summary that becomes ``results
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import _io
@@ -24,7 +26,7 @@ from .methods import Method, method_class
 from .models import runs_slots
 from .progress import OverallProgress
 from .readout import ReadoutSet, evaluate_readouts
-from .run_slots import RunRNGs, SlotLearner, SlotNetwork, stack
+from .run_slots import RunRNGs, SlotNetwork, stack
 from .workspace import Workspace
 
 PROGRESS = "metatest_progress.pt"
@@ -68,6 +70,29 @@ def run_tasks(ws: Workspace, run: int) -> list[TaskPair]:
         task_pair(ws, spec, cls, seed=seed) for spec, cls in zip(specs, classes)]
 
 
+def add_task_head(method: Method, model: nn.Module, pair: TaskPair, index: int) -> None:
+    """Give ``model`` the head of new task ``index`` (the global RNG draws it)."""
+    if model.add_head(pair.train.num_classes) != index:
+        raise RuntimeError(f"{method.name}: the network should have {index} heads before task {index + 1}")
+
+
+def task_samplers(ws: Workspace, method: Method, tasks: Sequence[TaskPair], index: int,
+                  seed: int) -> tuple[TaskSampler, Optional[TaskSampler]]:
+    """A run's batches while it trains on task ``index``: of that task, and of the earlier ones if the
+    method asks for old data; seeded by the run's ``seed`` and the task."""
+    batch = ws.config["metatest"]["batch_size"]
+    new = TaskSampler([tasks[index].train], batch, device=ws.device, seed=seed * 10 + index)
+    old = (TaskSampler([p.train for p in tasks[:index]], batch, device=ws.device, seed=seed * 10 + index + 5)
+           if method.needs_old_data else None)
+    return new, old
+
+
+def evaluates_at(config: dict, phase: int, step: int) -> bool:
+    """Whether step ``step`` (from 1) of new task ``phase`` (from 0) ends with a readout of every task seen."""
+    m = config["metatest"]
+    return (phase * m["steps_per_task"] + step) % m["eval_every"] == 0 or step == m["steps_per_task"]
+
+
 def run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair],
                overall: Optional[OverallProgress] = None) -> dict[int, dict[int, tuple]]:
     """Meta-test one method for one run: ``{eval step: {task index: (readout, original)}}``, each
@@ -81,8 +106,7 @@ def run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair
 
 def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPair],
                 overall: Optional[OverallProgress]) -> dict[int, dict[int, tuple]]:
-    m = ws.config["metatest"]
-    steps, every = m["steps_per_task"], m["eval_every"]
+    steps = ws.config["metatest"]["steps_per_task"]
     model = method.initial_model(run).to(ws.device)
     learner = method.learner(model, run)
     seed = ws.run_seed(run)
@@ -100,41 +124,36 @@ def _run_method(ws: Workspace, method: Method, run: int, tasks: Sequence[TaskPai
                dynamic_ncols=True)
     for phase, pair in enumerate(new_tasks):
         index = phase + 1
-        if model.add_head(pair.train.num_classes) != index:
-            raise RuntimeError(f"{method.name}: the network should have {index} heads before task {index + 1}")
+        add_task_head(method, model, pair, index)
         learner.begin_task(index, pair.train)
         evaluate(phase * steps, range(index + 1) if phase == 0 else [index])
-        new = TaskSampler([pair.train], m["batch_size"], device=ws.device, seed=seed * 10 + index)
-        old = (TaskSampler([p.train for p in tasks[:index]], m["batch_size"], device=ws.device,
-                           seed=seed * 10 + index + 5) if method.needs_old_data else None)
+        new, old = task_samplers(ws, method, tasks, index, seed)
         for step in range(1, steps + 1):
             learner.step(new.sample(), old.sample() if old is not None else None)
             bar.update(1)
             if overall is not None:
                 overall.step()
-            global_step = phase * steps + step
-            if global_step % every == 0 or step == steps:
-                evaluate(global_step, range(index + 1))
+            if evaluates_at(ws.config, phase, step):
+                evaluate(phase * steps + step, range(index + 1))
     bar.close()
     return curve
 
 
 def run_method_slots(ws: Workspace, method: Method, runs: Sequence[int], tasks: dict[int, Sequence[TaskPair]],
-                     learner_of: Callable[[SlotNetwork, RunRNGs], SlotLearner],
                      overall: Optional[OverallProgress] = None) -> dict[int, dict[int, dict[int, tuple]]]:
     """Meta-test runs ``runs`` of one method side by side, as the slots of one folded network
-    (``run_slots``): ``{run: curve}``, each curve the one ``run_method`` gives that run alone, up to
-    round-off.  Each run draws its heads with its own RNG and its batches from its own samplers; every
-    evaluation reads out all runs' tasks as one batched problem (``evaluate_readouts``)."""
-    m = ws.config["metatest"]
-    steps, every = m["steps_per_task"], m["eval_every"]
+    (``run_slots``, the method's ``slot_learner``): ``{run: curve}``, each curve the one ``run_method``
+    gives that run alone, up to round-off.  Each run draws its heads with its own RNG and its batches
+    from its own samplers; every evaluation reads out all runs' tasks as one batched problem
+    (``evaluate_readouts``)."""
+    steps = ws.config["metatest"]["steps_per_task"]
     rngs = RunRNGs({run: ws.run_seed(run) for run in runs}, ws.device)
     models = []
     for run in runs:
         with rngs.use(run):
             models.append(method.initial_model(run).to(ws.device))
     network = SlotNetwork(models)
-    learner = learner_of(network, rngs)
+    learner = method.slot_learner(network, runs, rngs)
     curves: dict[int, dict[int, dict[int, tuple]]] = {run: {} for run in runs}
 
     def evaluate(step: int, task_indices: Sequence[int]) -> None:
@@ -152,25 +171,19 @@ def run_method_slots(ws: Workspace, method: Method, runs: Sequence[int], tasks: 
         index = phase + 1
         for run, model in zip(runs, models):
             with rngs.use(run):
-                if model.add_head(tasks[run][index].train.num_classes) != index:
-                    raise RuntimeError(f"{method.name}: the network should have {index} heads before task {index + 1}")
+                add_task_head(method, model, tasks[run][index], index)
         network.add_head()
         learner.begin_task(index)
         evaluate(phase * steps, range(index + 1) if phase == 0 else [index])
-        seeds = [ws.run_seed(run) for run in runs]
-        new = [TaskSampler([tasks[run][index].train], m["batch_size"], device=ws.device, seed=seed * 10 + index)
-               for run, seed in zip(runs, seeds)]
-        old = ([TaskSampler([p.train for p in tasks[run][:index]], m["batch_size"], device=ws.device,
-                            seed=seed * 10 + index + 5) for run, seed in zip(runs, seeds)]
-               if method.needs_old_data else None)
+        new, old = zip(*(task_samplers(ws, method, tasks[run], index, ws.run_seed(run)) for run in runs))
         for step in range(1, steps + 1):
-            learner.step(stack([s.sample() for s in new]), stack([s.sample() for s in old]) if old else None)
+            learner.step(stack([s.sample() for s in new]),
+                         stack([s.sample() for s in old]) if method.needs_old_data else None)
             bar.update(1)
             if overall is not None:
                 overall.step(len(runs))
-            global_step = phase * steps + step
-            if global_step % every == 0 or step == steps:
-                evaluate(global_step, range(index + 1))
+            if evaluates_at(ws.config, phase, step):
+                evaluate(phase * steps + step, range(index + 1))
     bar.close()
     return curves
 
@@ -212,11 +225,18 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
     ranks, runs = ws.ranks, ws.config["runs"]
     folds = parallel_runs > 1 and runs_slots(ws.new_model())
     mine = list(range(ranks.rank, runs, ranks.world))  # run r on rank r mod N
-    rounds = -(-(-(-runs // ranks.world)) // parallel_runs)  # as many on every rank: each ends in a gather
+    rounds = math.ceil(math.ceil(runs / ranks.world) / parallel_runs)  # alike on every rank: each ends in a gather
     for first in range(0, rounds * parallel_runs, parallel_runs):
         chunk = mine[first:first + parallel_runs]
         finished: dict[int, dict] = {run: {} for run in chunk}
         tasks: dict[int, list[TaskPair]] = {}
+
+        def finish(name: str, run: int, curve: dict) -> None:
+            if ranks.world == 1:  # one process: kept at once
+                _keep(ws, progress, instances, {name: curve}, run, tasks[run])
+            else:  # kept by every rank after the round's gather
+                finished[run][name] = curve
+
         for method in instances:
             todo = [run for run in chunk if run not in progress["curves"].get(method.name, {})]
             for _ in range(len(chunk) - len(todo)):
@@ -225,22 +245,16 @@ def _run_metatest(ws: Workspace, methods: Sequence[str], overall: OverallProgres
                 tasks[run] = tasks.get(run) or run_tasks(ws, run)
             if folds and len(todo) > 1 and runs_side_by_side(method):
                 overall.begin_run(method.name, todo[0], len(todo))
-                curves = run_method_slots(ws, method, todo, tasks,
-                                          lambda net, rngs: method.slot_learner(net, todo, rngs), overall)
+                curves = run_method_slots(ws, method, todo, tasks, overall)
                 overall.end_run()
+                for run, curve in curves.items():
+                    finish(method.name, run, curve)
             else:
-                curves = {}
                 for run in todo:
                     overall.begin_run(method.name, run)
-                    curves[run] = run_method(ws, method, run, tasks[run], overall)
+                    curve = run_method(ws, method, run, tasks[run], overall)
                     overall.end_run()
-                    if ranks.world == 1:  # one process: kept after every (method, run)
-                        _keep(ws, progress, instances, {method.name: curves.pop(run)}, run, tasks[run])
-            for run, curve in curves.items():
-                if ranks.world == 1:
-                    _keep(ws, progress, instances, {method.name: curve}, run, tasks[run])
-                else:
-                    finished[run][method.name] = curve
+                    finish(method.name, run, curve)
         names = {run: [t.name for t in tasks[run]] if run in tasks else None for run in chunk}
         for rank_chunk in ranks.all_gather([(run, finished[run], names[run]) for run in chunk]):
             for rank_run, rank_finished, rank_names in rank_chunk:

@@ -336,9 +336,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             start = time.perf_counter()
             results = run_metatest(workspace, methods, run["parallel_runs"])
             if results is None:  # another rank than 0: its runs went to rank 0
+                ranks.leave()
                 return 0
             results["seconds"] = round(time.perf_counter() - start, 1)
             paths = save_results(results, out_dir)
+            ranks.leave()
     except UserError as exc:
         kept = f"; the run so far is kept: continue it with --resume {out_dir}" if started and isinstance(
             exc, WriteError) else ""
