@@ -64,7 +64,6 @@ class Ranks:
                 pass
 
 
-
 SINGLE = Ranks()
 
 

@@ -103,11 +103,11 @@ class Method(abc.ABC):
         """The ``Learner`` that trains ``model`` (from ``initial_model(run)``) through run ``run``'s new
         tasks."""
 
-    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> Optional[SlotLearner]:
+    def slot_learner(self, network: SlotNetwork, runs: Sequence[int], rngs: RunRNGs) -> SlotLearner:
         """The learner that trains runs ``runs`` side by side as the slots of ``network`` (``--parallel-runs``),
-        each slot as ``learner`` trains its run (``rngs``: each run's own RNG), or None: this method's runs go
-        one at a time (the default)."""
-        return None
+        each slot as ``learner`` trains its run (``rngs``: each run's own RNG).  A method that does not
+        override it runs its runs one at a time."""
+        raise NotImplementedError(f"{self.name}: its runs go one at a time (no slot_learner)")
 
 
 def method_class(name: str) -> type[Method]:

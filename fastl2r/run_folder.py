@@ -144,12 +144,10 @@ def read_run(folder: Path) -> tuple[dict, dict]:
         parse_methods(",".join(methods))
         if run["device"] not in ("cpu", "cuda"):
             raise UserError(f"device must be \"cpu\" or \"cuda\", got {json.dumps(run['device'])}")
-        threads = run["threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UserError(f"threads must be a positive integer, got {json.dumps(threads)}")
-        parallel = run["parallel_runs"]
-        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-            raise UserError(f"parallel_runs must be a positive integer, got {json.dumps(parallel)}")
+        for key in ("threads", "parallel_runs"):
+            value = run[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{key} must be a positive integer, got {json.dumps(value)}")
     except UserError as exc:
         raise UserError(f"--resume: {path}: {exc}") from None
     return saved, run

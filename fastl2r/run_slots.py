@@ -141,5 +141,12 @@ class SlotSGD(SlotLearner):
             heads = [h.requires_grad_() for h in net.heads]
             leaves = list(weights.values()) + heads
             grads = torch.autograd.grad(self.loss(weights, heads, new, old).sum(), leaves, allow_unused=True)
-        stepped = sgd_step(leaves, grads, self.lr)
-        net.weights, net.heads = dict(zip(weights, stepped)), stepped[len(weights):]
+        n = len(weights)
+        stepped = sgd_step(leaves, self.directions(weights, grads[:n]) + list(grads[n:]), self.lr)
+        net.weights, net.heads = dict(zip(weights, stepped)), stepped[n:]
+
+    def directions(self, weights: dict[str, torch.Tensor],
+                   grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """What the step subtracts (× ``lr``) from the non-head ``weights``, given their gradients: the
+        gradients themselves (SGD; a learned rule rescales them)."""
+        return list(grads)

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 
 from ..data import Batch, Task
 from ..methods import Learner, Method
-from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, new_task_loss
+from ..run_slots import RunRNGs, SlotLearner, SlotNetwork, SlotSGD, new_task_loss
 from .metalearner import MetaLearner, activation_means, record_activations, tapped_layers
 from .optimizer import LearnedOptimizer, load_metalearner
 from .trainer import MetaTrainer, how_episodes_ended
-from .unroll import sgd_step
 
 DELTA_SAMPLES_PER_TENSOR = 256  # δ values kept per tensor and recording step, for Figure 7
 
@@ -60,15 +59,15 @@ def record_deltas(deltas: dict[str, list[torch.Tensor]], meta: MetaLearner, step
             deltas.setdefault(kind, []).append(flat.float().cpu())
 
 
-class SlotOurs(SlotLearner):
-    """``OursLearner`` for R runs: the frozen meta-learner updates every slot's gated tensors (its rows
-    folded as in meta-training), plain SGD the others and the heads; the meta-nets' LSTM states go on
+class SlotOurs(SlotSGD):
+    """``OursLearner`` for R runs: the frozen meta-learner scales every slot's gated gradients by its δ (its
+    rows folded as in meta-training), plain SGD the others and the heads; the meta-nets' LSTM states go on
     across tasks.  When run 0 is a slot, its δ samples are kept every ``record_every`` steps, drawn with
     run 0's own RNG."""
 
     def __init__(self, network: SlotNetwork, meta: MetaLearner, runs: Sequence[int], rngs: RunRNGs,
                  deltas: dict, record_every: int):
-        super().__init__(network)
+        super().__init__(network, meta.lr)
         self.meta, self.rngs, self.deltas, self.record_every = meta, rngs, deltas, record_every
         self.recorded = list(runs).index(0) if 0 in runs and record_every else None
         self.layers = tapped_layers(network.skeleton, meta.head_prefix)
@@ -76,34 +75,32 @@ class SlotOurs(SlotLearner):
         weight = next(iter(network.weights.values()))
         self.dtype = next(meta.parameters()).dtype
         self.lstm = meta.initial_state(weight.device, self.dtype, slots=network.slots)
+        self.means: Optional[torch.Tensor] = None  # the tapped layers' activation means of this step
         self.steps = 0
 
-    def step(self, new: Batch, old: Optional[Batch]) -> None:
-        """One learned update of every slot on its run's new-task cross-entropy (no teacher, no old data)."""
-        net, meta = self.network, self.meta
-        with torch.enable_grad():
-            weights = {n: w.requires_grad_() for n, w in net.weights.items()}
-            heads = [h.requires_grad_() for h in net.heads]
-            with record_activations(net.skeleton, self.layers) as activations:
-                h = net.represent(new.x, weights)
-            loss = new_task_loss(net, h, heads, self.task_index, new.y).sum()
-            grads = dict(zip([*weights, *range(len(heads))],
-                             torch.autograd.grad(loss, [*weights.values(), *heads], allow_unused=True)))
-            means = activation_means(self.layers, activations).to(self.dtype)
+    def loss(self, weights: dict[str, torch.Tensor], heads: list[torch.Tensor], new: Batch,
+             old: Optional[Batch]) -> torch.Tensor:
+        """``[R]``: each run's new-task cross-entropy (no teacher, no old data); the activation means the
+        meta-nets read are recorded on the way."""
+        with record_activations(self.network.skeleton, self.layers) as activations:
+            h = self.network.represent(new.x, weights)
+        self.means = activation_means(self.layers, activations).to(self.dtype)
+        return new_task_loss(self.network, h, heads, self.task_index, new.y)
+
+    def directions(self, weights: dict[str, torch.Tensor],
+                   grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """As ``LearnedOptimizer.step``: δ⊙g for a gated tensor (one step of the meta-nets), g for the others."""
+        meta, slots, grads = self.meta, self.network.slots, dict(zip(weights, grads))
         with torch.no_grad():
-            flat = meta.flatten({n: weights[n].to(self.dtype) for n in self.gated}, net.slots)
-            flat_grads = meta.flatten({n: grads[n].to(self.dtype) for n in self.gated}, net.slots)
-            _, self.lstm, step_deltas = meta.step(flat, flat_grads, means, self.lstm)
-            delta = meta.unflatten(step_deltas, net.slots)
-            # as LearnedOptimizer.step: −lr·δ⊙g for a gated tensor, −lr·g for the others and the heads
-            net.weights = {n: w.detach().add(delta[n].to(w.dtype) * grads[n] if n in delta else grads[n],
-                                             alpha=-meta.lr) if grads[n] is not None else w.detach()
-                           for n, w in weights.items()}
-            net.heads = sgd_step(heads, [grads[t] for t in range(len(heads))], meta.lr)
+            flat = meta.flatten({n: weights[n].to(self.dtype) for n in self.gated}, slots)
+            flat_grads = meta.flatten({n: grads[n].to(self.dtype) for n in self.gated}, slots)
+            _, self.lstm, step_deltas = meta.step(flat, flat_grads, self.means, self.lstm)
+            delta = meta.unflatten(step_deltas, slots)
         self.steps += 1
         if self.recorded is not None and self.steps % self.record_every == 0:
             with self.rngs.use(0):
-                record_deltas(self.deltas, meta, step_deltas, net.slots, self.recorded)
+                record_deltas(self.deltas, meta, step_deltas, slots, self.recorded)
+        return [delta[n].to(g.dtype) * g if n in delta and g is not None else g for n, g in grads.items()]
 
 
 def delta_kind(name: str, kind: str, rows: int) -> str:
